@@ -1,0 +1,24 @@
+"""sketchpass: make neural networks smaller by rewriting Conv/Linear layers into sketch factors.
+
+See DESIGN §2 for the public API.  Importing this package never imports onnx.
+"""
+
+from __future__ import annotations
+
+from . import sketch
+from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
+from .sketch.random import GENERATOR_ID
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GENERATOR_ID",
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "SKConv1d",
+    "SKConv2d",
+    "SKLinear",
+    "__version__",
+    "sketch",
+]
