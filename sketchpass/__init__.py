@@ -6,12 +6,23 @@ See DESIGN §2 for the public API.  Importing this package never imports onnx.
 from __future__ import annotations
 
 from . import sketch
+from .api import apply, plan, transform
+from .budget import Budget, InfeasibleBudgetError
 from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
+from .plan import Decision, LayerSpec, Plan
 from .sketch.random import GENERATOR_ID
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "Decision",
+    "InfeasibleBudgetError",
+    "LayerSpec",
+    "Plan",
+    "apply",
+    "plan",
+    "transform",
     "GENERATOR_ID",
     "LowRankConv1d",
     "LowRankConv2d",

@@ -130,7 +130,10 @@ def fit_sketch(
     init: str = "sketch",
     gram: torch.Tensor | None = None,
     damp: float = DEFAULT_DAMP,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    WC: torch.Tensor | None = None,
+    return_error: bool = False,
+):
     """Trainable factors ``(S1, S2)`` for a dense weight ``W`` and fixed sketches ``U1, U2``.
 
     * ``"sketch"`` — the paper's projection ``S1 = U1 W``, ``S2 = W B2ᵀ``.  Unbiased, ``E[Ŵ] = W``;
@@ -145,6 +148,11 @@ def fit_sketch(
       :func:`shrink_gram` instead); when ``B C Bᵀ`` is singular (``m > d_in``, or Cholesky fails on
       a rank-deficient ``C``) it uses the pseudo-inverse, i.e. the minimum-norm solution.  Exact
       when ``m ≥ d_out`` with ``U1`` of full rank, or ``m ≥ d_in`` with ``C`` positive definite.
+
+    ``WC`` (optional) is ``W @ gram``, precomputed when fitting many sizes of one layer.  With
+    ``return_error=True`` the result is ``(S1, S2, e)`` where ``e = tr(ΔCΔᵀ)`` (``C = I`` when no
+    gram): for the optimal fits ``Δ = TB - R`` with ``R = (I-P)W`` and
+    ``e = tr(R C Rᵀ) - ⟨T, R C Bᵀ⟩``, which costs no extra ``d_out · n²`` product.
     """
     if init not in ("sketch", "lstsq", "calibrated"):
         raise ValueError(f"fit_sketch init must be 'sketch', 'lstsq' or 'calibrated', got {init!r}")
@@ -156,19 +164,30 @@ def fit_sketch(
             f"shape mismatch: W {tuple(W.shape)}, U1 {tuple(U1.shape)}, U2 {tuple(U2.shape)}, hw={hw}"
         )
     if init == "sketch":
-        return U1 @ W, kron_right(W, U2, hw)
+        S1, S2 = U1 @ W, kron_right(W, U2, hw)
+        if not return_error:
+            return S1, S2
+        D = sketch_materialize(S1, S2, U1, U2, l, hw) - W
+        e = float((D * D).sum()) if gram is None else float(((D @ _f64(gram)) * D).sum())
+        return S1, S2, e
     C = _f64(gram) if (init == "calibrated" and gram is not None) else None
     A = U1.T / (2.0 * l)  # (d_out, m)
     A_pinv = torch.linalg.pinv(A)  # (m, d_out)
+    WCm = W if C is None else (_f64(WC) if WC is not None else W @ C)
     R = W - A @ (A_pinv @ W)  # (I - P) W
+    RC = WCm - A @ (A_pinv @ WCm)  # (I - P) W C   (P is symmetric)
     if float(R.abs().max()) <= 1e-13 * float(W.abs().max().clamp_min(1e-300)):
         T = torch.zeros(d_out, m * hw, dtype=W.dtype, device=W.device)
+        RCB = None
     else:
-        RC = R if C is None else R @ C
+        RCB = kron_right(RC, U2, hw)
         # B C Bᵀ has rank <= d_in·hw < m·hw when the input-mode sketch is over-complete (m > d_in).
-        T = _spd_solve_right(kron_right(RC, U2, hw), kron_gram(C, U2, hw), damp, singular=m > U2.shape[1])
+        T = _spd_solve_right(RCB, kron_gram(C, U2, hw), damp, singular=m > U2.shape[1])
     S1 = A_pinv @ (W - kron_left(T, U2, hw))
-    return S1, 2.0 * l * T
+    if not return_error:
+        return S1, 2.0 * l * T
+    e = float((RC * R).sum()) - (0.0 if RCB is None else float((T * RCB).sum()))
+    return S1, 2.0 * l * T, max(e, 0.0)
 
 
 def random_factors(
@@ -216,12 +235,23 @@ def _gram_factor(C: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the calibration Gram is not positive semi-definite (contains NaN/inf?)")
 
 
+def _output_side(W: torch.Tensor, C: torch.Tensor | None) -> bool:
+    """Whiten on the output side (eigh of ``W C Wᵀ``, ``d_out²``) when ``d_out`` is not larger than ``n``."""
+    return C is None or W.shape[0] <= W.shape[1]
+
+
 def svd_spectrum(W: torch.Tensor, gram: torch.Tensor | None = None, damp: float = DEFAULT_DAMP):
-    """Singular values of ``W C^{1/2}``: the rank-r whitened fit has relative error
-    ``Σ_{i>r} σ_i² / Σ σ_i²`` (Eckart–Young in the ``C``-weighted norm)."""
+    """Singular values of ``W C^{1/2}`` (descending): the rank-r whitened fit has relative error
+    ``Σ_{i>r} σ_i² / Σ σ_i²`` (Eckart–Young in the ``C``-weighted norm).  Computed from the
+    eigenvalues of ``W C Wᵀ`` when ``d_out ≤ n`` (no factorisation of the ``n × n`` Gram)."""
     W = _f64(W)
-    M = W if gram is None else W @ _gram_factor(_f64(gram), damp)
-    return torch.linalg.svdvals(M)
+    if gram is None:
+        return torch.linalg.svdvals(W)
+    C = _f64(gram)
+    if _output_side(W, C):
+        ev = torch.linalg.eigvalsh((W @ C) @ W.T)
+        return torch.flip(ev.clamp_min(0).sqrt(), [0])
+    return torch.linalg.svdvals(W @ _gram_factor(C, damp))
 
 
 def fit_svd(
@@ -229,20 +259,25 @@ def fit_svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``r`` factors ``(L, R)`` with ``W ≈ L R`` minimising ``tr((LR-W) C (LR-W)ᵀ)``.
 
-    With ``C + λI = Lc Lcᵀ`` (Cholesky): ``W Lc = U Σ Vᵀ`` → ``L = U_r Σ_r^{1/2}`` (``d_out × r``),
-    ``R = Σ_r^{1/2} V_rᵀ Lc⁻¹`` (``r × n``), so ``‖(LR - W) Lc‖`` is the Eckart–Young optimum; the
-    singular values are split evenly so both factors have similar scale.
+    The optimum keeps the top-``r`` left singular vectors ``U_r`` of ``W C^{1/2}`` and projects:
+    ``LR = U_r U_rᵀ W`` (Eckart–Young: the best rank-r approximation of ``W C^{1/2}`` is
+    ``U_r U_rᵀ W C^{1/2}``).  ``U_r`` are the top eigenvectors of ``W C Wᵀ`` — a ``d_out × d_out``
+    problem, so the ``n × n`` Gram is never factorised.  When ``d_out > n`` we use the Cholesky factor
+    ``C + λI = Lc Lcᵀ`` and the SVD of ``W Lc`` instead.  Each component is scaled so that its
+    columns of ``L`` and rows of ``R`` have equal norms (``L = U_r D``, ``R = D⁻¹ U_rᵀ W``).
     """
     W = _f64(W)
     d_out, n = W.shape
     if not 1 <= rank <= min(d_out, n):
         raise ValueError(f"rank must be in [1, {min(d_out, n)}] for a {d_out}x{n} weight, got {rank}")
-    Lc = None if gram is None else _gram_factor(_f64(gram), damp)
-    M = W if Lc is None else W @ Lc
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    s = S[:rank].sqrt()
-    L = U[:, :rank] * s
-    R = s[:, None] * Vh[:rank]
-    if Lc is not None:
-        R = torch.linalg.solve_triangular(Lc.T, R.T, upper=True).T  # R Lc⁻¹
-    return L, R
+    C = None if gram is None else _f64(gram)
+    if C is None:
+        U = torch.linalg.svd(W, full_matrices=False)[0][:, :rank]
+    elif _output_side(W, C):
+        evecs = torch.linalg.eigh((W @ C) @ W.T)[1]
+        U = torch.flip(evecs[:, -rank:], [1])
+    else:
+        U = torch.linalg.svd(W @ _gram_factor(C, damp), full_matrices=False)[0][:, :rank]
+    R = U.T @ W
+    scale = R.norm(dim=1).clamp_min(1e-300).sqrt()  # ‖L_i‖ = ‖R_i‖ = sqrt(‖U_iᵀ W‖)
+    return U * scale, R / scale[:, None]

@@ -1,0 +1,230 @@
+"""Budgets and the budget solver (pure: candidates in, choices out; no torch, no graphs).
+
+**Budget.**  ``Budget(params=0.5)`` limits the whole model's effective parameters to half;
+``Budget(flops=0.6)`` limits multiply-accumulates per sample at the calibration shape; both may be
+given and then both must hold.  A value in ``(0, 1]`` is a fraction of the original model, a value
+``> 1`` an absolute count.
+
+**Solver.**  Each layer offers candidates ``(cost_u, loss)``: dense (loss 0) and factored forms of
+several sizes, whose loss is the layer's predicted relative output error weighted by its measured
+sensitivity.  We choose one candidate per layer to minimise ``Σ loss`` subject to
+``fixed_u + Σ cost_u ≤ limit_u`` for every unit ``u`` — a multiple-choice knapsack.  We solve its
+Lagrangian relaxation (``min Σ loss + Σ_u λ_u cost_u`` decomposes per layer; for a fixed direction of
+``λ`` the smallest feasible scale is found by bisection, which walks the lower convex hulls of the
+layers' trade-off curves), try several directions when there are two units, and then fill the slack
+greedily with the upgrades that buy the most loss per unit of budget.  The result always satisfies
+every limit, or :class:`InfeasibleBudgetError` says the smallest achievable value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+UNITS = ("params", "flops")
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget cannot be met even with every layer at its smallest form."""
+
+
+class Budget:
+    """Limits on the whole model: ``params`` and/or ``flops`` (MACs per sample)."""
+
+    def __init__(self, params: float | None = None, flops: float | None = None):
+        self.params = self._check("params", params)
+        self.flops = self._check("flops", flops)
+        if self.params is None and self.flops is None:
+            raise ValueError("a Budget needs at least one limit, e.g. Budget(params=0.5) or Budget(flops=0.6)")
+
+    @staticmethod
+    def _check(unit: str, value) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"Budget {unit}= must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"Budget {unit}={value} must be > 0: a fraction in (0, 1] or an absolute count > 1")
+        return value
+
+    @classmethod
+    def parse(cls, text: str | Budget) -> Budget:
+        """``"params=0.5"``, ``"params=0.5,flops=0.7"``, ``"params=2e6"``, ``"flops=50%"``."""
+        if isinstance(text, Budget):
+            return text
+        values: dict[str, float] = {}
+        for part in str(text).replace(";", ",").split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"budget {text!r}: expected KEY=VALUE pairs like 'params=0.5,flops=0.7', got {part!r}")
+            key, _, raw = (s.strip() for s in part.partition("="))
+            if key not in UNITS:
+                raise ValueError(f"budget {text!r}: unknown key {key!r}; expected one of {', '.join(UNITS)}")
+            if key in values:
+                raise ValueError(f"budget {text!r}: {key} is given twice")
+            try:
+                values[key] = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+            except ValueError:
+                raise ValueError(f"budget {text!r}: {key}={raw!r} is not a number") from None
+        if not values:
+            raise ValueError(f"budget {text!r} is empty; expected e.g. 'params=0.5'")
+        return cls(**values)
+
+    def limits(self, totals: dict[str, float]) -> dict[str, float]:
+        """Absolute limits given the model's totals ``{"params": P, "flops": M}``."""
+        out = {}
+        for unit in UNITS:
+            v = getattr(self, unit)
+            if v is not None:
+                out[unit] = v * totals[unit] if v <= 1.0 else v
+        return out
+
+    def to_dict(self) -> dict:
+        return {u: getattr(self, u) for u in UNITS if getattr(self, u) is not None}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Budget) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "Budget(" + ", ".join(f"{k}={v:g}" for k, v in self.to_dict().items()) + ")"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One form of one layer: its cost in every unit and its (weighted) predicted loss."""
+
+    cost: dict[str, float]
+    loss: float
+    tag: object = None  # opaque to the solver (the frontend's description of the form)
+
+
+def solve(
+    layers: Sequence[Sequence[Candidate]],
+    limits: dict[str, float],
+    fixed: dict[str, float] | None = None,
+    directions: int = 9,
+) -> list[int]:
+    """Indices of the chosen candidate per layer (see module docstring).
+
+    ``layers[i]`` must be non-empty; ``fixed`` is the cost of everything outside these layers.
+    Raises :class:`InfeasibleBudgetError` (with the smallest achievable value of each unit) when even
+    the cheapest candidates exceed a limit.
+    """
+    units = list(limits)
+    fixed = {u: float((fixed or {}).get(u, 0.0)) for u in units}
+    if any(len(c) == 0 for c in layers):
+        raise ValueError("every layer needs at least one candidate")
+
+    def total(choice: list[int], u: str) -> float:
+        return fixed[u] + sum(layers[i][c].cost[u] for i, c in enumerate(choice))
+
+    def feasible(choice: list[int]) -> bool:
+        return all(total(choice, u) <= limits[u] * (1 + 1e-12) for u in units)
+
+    # Smallest achievable per unit (each unit on its own) -> clear error when infeasible.
+    for u in units:
+        low = fixed[u] + sum(min(c.cost[u] for c in cands) for cands in layers)
+        if low > limits[u] * (1 + 1e-12):
+            raise InfeasibleBudgetError(
+                f"the {u} budget {limits[u]:,.0f} cannot be met: the smallest achievable is {low:,.0f} "
+                f"({u} outside the factorable layers: {fixed[u]:,.0f})")
+    scale = {u: max(limits[u], 1.0) for u in units}
+
+    def pick(lams: dict[str, float]) -> list[int]:
+        choice = []
+        for cands in layers:
+            best, best_v = 0, math.inf
+            for j, c in enumerate(cands):
+                v = c.loss + sum(lams[u] * c.cost[u] / scale[u] for u in units)
+                if v < best_v - 1e-15 or (abs(v - best_v) <= 1e-15 and c.loss < cands[best].loss):
+                    best, best_v = j, v
+            choice.append(best)
+        return choice
+
+    if len(units) == 1:
+        dirs = [{units[0]: 1.0}]
+    else:
+        dirs = [{units[0]: a, units[1]: 1.0 - a} for a in (i / (directions - 1) for i in range(directions))]
+
+    best_choice, best_loss = None, math.inf
+    total_loss = sum(max((c.loss for c in cands), default=0.0) for cands in layers) + 1.0
+    for d in dirs:
+        lo, hi = 0.0, 1.0
+        while not feasible(pick({u: hi * d[u] for u in units})) and hi < 1e18:
+            hi *= 4.0
+        choice = pick({u: hi * d[u] for u in units})
+        if not feasible(choice):
+            continue
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if feasible(pick({u: mid * d[u] for u in units})):
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-9 * max(hi, total_loss * 1e-9):
+                break
+        choice = _greedy_fill(layers, pick({u: hi * d[u] for u in units}), limits, fixed, scale, units)
+        loss = sum(layers[i][c].loss for i, c in enumerate(choice))
+        if loss < best_loss:
+            best_choice, best_loss = choice, loss
+    if best_choice is None:
+        best_choice = _greedy_descend(layers, limits, fixed, scale, units)
+    assert feasible(best_choice)
+    return best_choice
+
+
+def _greedy_fill(layers, choice, limits, fixed, scale, units) -> list[int]:
+    """Spend the slack: repeatedly take the upgrade with the best loss decrease per unit of budget."""
+    choice = list(choice)
+    used = {u: fixed[u] + sum(layers[i][c].cost[u] for i, c in enumerate(choice)) for u in units}
+    while True:
+        best, best_ratio = None, 0.0
+        for i, cands in enumerate(layers):
+            cur = cands[choice[i]]
+            for j, c in enumerate(cands):
+                gain = cur.loss - c.loss
+                if gain <= 0:
+                    continue
+                extra = {u: c.cost[u] - cur.cost[u] for u in units}
+                if any(used[u] + extra[u] > limits[u] * (1 + 1e-12) for u in units):
+                    continue
+                spend = sum(max(extra[u], 0.0) / scale[u] for u in units)
+                ratio = gain / max(spend, 1e-18)
+                if ratio > best_ratio:
+                    best, best_ratio = (i, j, extra), ratio
+        if best is None:
+            return choice
+        i, j, extra = best
+        choice[i] = j
+        for u in units:
+            used[u] += extra[u]
+
+
+def _greedy_descend(layers, limits, fixed, scale, units) -> list[int]:
+    """Fallback for two units when no Lagrangian direction was feasible: from dense (the costliest
+    candidate, loss 0) take the downgrades with the least loss per unit of violated budget."""
+    choice = [max(range(len(c)), key=lambda j, c=c: sum(c[j].cost[u] / scale[u] for u in units)) for c in layers]
+    used = {u: fixed[u] + sum(layers[i][c].cost[u] for i, c in enumerate(choice)) for u in units}
+    while any(used[u] > limits[u] * (1 + 1e-12) for u in units):
+        best, best_ratio = None, math.inf
+        over = [u for u in units if used[u] > limits[u] * (1 + 1e-12)]
+        for i, cands in enumerate(layers):
+            cur = cands[choice[i]]
+            for j, c in enumerate(cands):
+                save = sum(max(cur.cost[u] - c.cost[u], 0.0) / scale[u] for u in over)
+                if save <= 0:
+                    continue
+                ratio = max(c.loss - cur.loss, 0.0) / save
+                if ratio < best_ratio:
+                    best, best_ratio = (i, j), ratio
+        if best is None:
+            raise InfeasibleBudgetError("the budget cannot be met with both limits at once; relax one of them")
+        i, j = best
+        for u in units:
+            used[u] += layers[i][j].cost[u] - layers[i][choice[i]].cost[u]
+        choice[i] = j
+    return choice

@@ -1,0 +1,222 @@
+"""Calibration: batches in, streaming input Grams out.
+
+A :class:`GramAccumulator` sums ``C = Σ x xᵀ`` over every input row a layer sees — for a Linear the
+last-dimension vectors, for a conv the im2col patches (``F.unfold`` order ``(channel, kh, kw)``, the
+order of ``weight.reshape(out, -1)``), one Gram per group.  Per-chunk products are computed in the
+input dtype promoted to float32 and added into float64 accumulators.
+
+Memory: a conv's patches are unfolded a few samples at a time so that the temporary patch matrix
+stays under :data:`UNFOLD_BYTES` (256 MiB); the peak per layer is then that plus the Gram itself
+(``groups · (C_in/groups · kh · kw)²`` float64 values, e.g. 170 MiB for a 512-channel 3×3 conv).
+
+It also accumulates ``Σ ‖x‖⁴`` so the Ledoit–Wolf shrinkage intensity can be estimated without
+keeping the samples (``Σ_i ‖x_i x_iᵀ - S‖²_F = Σ_i ‖x_i‖⁴ - N ‖S‖²_F`` with ``S = C/N``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+UNFOLD_BYTES = 256 * 2**20
+MAX_POSITIONS = 64  # default cap on conv output positions per sample used for Grams
+
+
+# --------------------------------------------------------------------------- batches
+def iter_batches(calib: Any, max_batches: int | None = None) -> Iterator[Any]:
+    """Yield calibration batches from a tensor, a tuple, a dict, an iterable of those, or a DataLoader.
+
+    A single tensor / tuple / dict is one batch.  DataLoader items that are ``(inputs, labels)``
+    pairs are *not* unpacked automatically — pass ``(x for x, _ in loader)`` for that.
+    """
+    if calib is None:
+        return
+    if isinstance(calib, (torch.Tensor, dict)):
+        yield calib
+        return
+    if isinstance(calib, tuple) and all(isinstance(t, torch.Tensor) for t in calib):
+        yield calib
+        return
+    if not isinstance(calib, Iterable):
+        raise TypeError(f"calib must be a tensor, a tuple or dict of tensors, or an iterable of those "
+                        f"(e.g. a DataLoader); got {type(calib).__name__}")
+    for i, batch in enumerate(calib):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def call_model(model: torch.nn.Module, batch: Any):
+    """Run ``model`` on one calibration batch: tensor → ``model(x)``, tuple/list → ``model(*b)``,
+    dict → ``model(**b)`` (e.g. tokenizer output)."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return model(**dict(batch))
+    raise TypeError(f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of keyword "
+                    f"arguments; got {type(batch).__name__}")
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch (leading dim of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if hasattr(batch, "values") else batch
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.dim():
+            return int(t.shape[0])
+    return 1
+
+
+def slice_batch(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (tensors whose leading dim is the batch size are sliced)."""
+    size = batch_size(batch)
+
+    def cut(t):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size:
+            return t[:n]
+        return t
+
+    if isinstance(batch, torch.Tensor):
+        return cut(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(t) for t in batch)
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {k: cut(v) for k, v in dict(batch).items()}
+    return batch
+
+
+def move_batch(batch: Any, device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    return batch
+
+
+# --------------------------------------------------------------------------- im2col
+def conv_rows(x: torch.Tensor, kernel, stride, padding, dilation, max_bytes: int = UNFOLD_BYTES,
+              max_positions: int | None = None, seed: int = 0):
+    """Yield im2col patch matrices ``(rows, C_in·prod(kernel))`` of an N-C-... input, a few samples at a
+    time.  Conv1d inputs are treated as height-1 images.
+
+    ``max_positions`` keeps a random subset of that many output positions per sample (the same
+    subset for every call with the same ``seed`` and shapes): neighbouring patches overlap heavily, so
+    a few hundred positions per image estimate the Gram nearly as well as all of them, at a fraction
+    of the ``rows · n²`` cost."""
+    if x.dim() == 3:  # conv1d: (N, C, L) -> (N, C, 1, L)
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
+        padding = padding if isinstance(padding, str) else (0, padding[0])
+    if isinstance(padding, str):
+        padding = _same_padding(padding, kernel, dilation)
+    n, c = x.shape[:2]
+    n_feat = c * math.prod(kernel)
+    h_out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    per_sample = n_feat * math.prod(h_out) * 4
+    chunk = max(1, int(max_bytes // max(per_sample, 1)))
+    gen = torch.Generator().manual_seed(seed)
+    for s in range(0, n, chunk):
+        cols = F.unfold(x[s:s + chunk].float(), kernel, dilation=dilation, padding=padding, stride=stride)
+        if max_positions is not None and cols.shape[2] > max_positions:
+            idx = torch.randperm(cols.shape[2], generator=gen)[:max_positions].to(cols.device)
+            cols = cols[:, :, idx]
+        yield cols.transpose(1, 2).reshape(-1, n_feat)
+
+
+def _same_padding(mode: str, kernel, dilation):
+    if mode == "valid":
+        return (0,) * len(kernel)
+    pads = []
+    for k, d in zip(kernel, dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise ValueError("padding='same' with an even effective kernel is asymmetric; not supported")
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+# --------------------------------------------------------------------------- accumulators
+class GramAccumulator:
+    """Streaming ``Σ x xᵀ`` per group (float64), with the counts needed for shrinkage."""
+
+    def __init__(self, n_features: int, groups: int = 1, device=None, max_positions: int | None = MAX_POSITIONS):
+        self.groups, self.n = int(groups), int(n_features)
+        self.max_positions = max_positions
+        self.calls = 0
+        self.gram = torch.zeros(self.groups, self.n, self.n, dtype=torch.float64, device=device)
+        self.count = 0  # rows
+        self.fourth = torch.zeros(self.groups, dtype=torch.float64, device=device)  # Σ ‖x‖⁴
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """``rows``: ``(N, groups · n)`` with group-major features."""
+        r = rows.detach().reshape(rows.shape[0], self.groups, self.n).float()
+        for g in range(self.groups):
+            xg = r[:, g]
+            self.gram[g] += (xg.T @ xg).double()
+            self.fourth[g] += float((xg.square().sum(1).square()).sum(dtype=torch.float64))
+        self.count += rows.shape[0]
+
+    def add_conv_input(self, x: torch.Tensor, kernel, stride, padding, dilation) -> None:
+        """Add the im2col patches of a conv input (per group: channel slices of the patch rows)."""
+        # unfold order is (channel, kh, kw), so group g's features are the contiguous block
+        # [g n, (g+1) n) of each patch row — exactly what add_rows splits.
+        self.calls += 1
+        for rows in conv_rows(x.detach(), kernel, stride, padding, dilation, max_positions=self.max_positions,
+                              seed=self.calls):
+            self.add_rows(rows)
+
+    def ledoit_wolf(self) -> torch.Tensor:
+        """Ledoit–Wolf shrinkage intensity per group, ``α = min(1, β² / δ²)`` with
+        ``β² = (Σ‖x‖⁴/N - ‖S‖²) / N`` and ``δ² = ‖S - μI‖²``, ``S = C/N``, ``μ = tr S / n``
+        (Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", 2004)."""
+        N = max(self.count, 1)
+        out = torch.zeros(self.groups, dtype=torch.float64)
+        for g in range(self.groups):
+            S = self.gram[g] / N
+            mu = torch.trace(S) / self.n
+            s2 = (S * S).sum()
+            delta2 = s2 - 2 * mu * torch.trace(S) + mu * mu * self.n
+            beta2 = (self.fourth[g] / N - s2) / N
+            out[g] = 1.0 if delta2 <= 0 else float(torch.clamp(beta2 / delta2, 0.0, 1.0))
+        return out
+
+    def shrunk(self, alpha: float | str = "auto") -> torch.Tensor:
+        """The Grams shrunk toward ``(tr C/n) I`` with ``alpha`` (``"auto"`` = Ledoit–Wolf)."""
+        from .sketch.fit import shrink_gram
+
+        alphas = self.ledoit_wolf() if alpha == "auto" else torch.full((self.groups,), float(alpha))
+        return torch.stack([shrink_gram(self.gram[g], float(alphas[g])) for g in range(self.groups)])
+
+
+class CrossGramAccumulator:
+    """Streaming ``Σ x x̂ᵀ`` and ``Σ x̂ x̂ᵀ`` for the asymmetric refit (original ``x``, compressed-model
+    input ``x̂`` of the same layer on the same sample), per group."""
+
+    def __init__(self, n_features: int, groups: int = 1, max_positions: int | None = MAX_POSITIONS):
+        self.hat = GramAccumulator(n_features, groups, max_positions=max_positions)
+        self.cross = torch.zeros(groups, n_features, n_features, dtype=torch.float64)
+
+    def add_rows(self, rows: torch.Tensor, rows_hat: torch.Tensor) -> None:
+        G, n = self.hat.groups, self.hat.n
+        r = rows.detach().reshape(rows.shape[0], G, n).float()
+        rh = rows_hat.detach().reshape(rows.shape[0], G, n).float()
+        for g in range(G):
+            self.cross[g] += (r[:, g].T @ rh[:, g]).double()
+        self.hat.add_rows(rows_hat)
+
+    def add_conv_inputs(self, x, x_hat, kernel, stride, padding, dilation) -> None:
+        self.hat.calls += 1
+        mp, seed = self.hat.max_positions, self.hat.calls  # same positions for x and x̂
+        for rows, rows_hat in zip(conv_rows(x.detach(), kernel, stride, padding, dilation, max_positions=mp, seed=seed),
+                                  conv_rows(x_hat.detach(), kernel, stride, padding, dilation, max_positions=mp,
+                                            seed=seed)):
+            self.add_rows(rows, rows_hat)
