@@ -280,8 +280,8 @@ def _decision(spec: LayerSpec, f: Form, l: int, reason: str | None = None) -> De
 def apply(model, plan: Plan, calib=None, **options):
     """Rewrite a copy of ``model`` as ``plan`` says.  With ``calib``, every factored layer is refitted on
     the inputs produced by the already-compressed layers before it (``refit=False``: on the inputs of
-    the original model instead).  Options: ``max_batches``, ``shrink``, ``progress``, ``refit``.  The result carries its plan (with measured errors) as
-    ``small.sketchpass_plan``."""
+    the original model instead).  Options: ``max_batches``, ``shrink``, ``progress``, ``refit``.
+    The result carries its plan (with measured errors) as ``small.sketchpass_plan``."""
     if _is_onnx(model):
         return _onnx().apply(model, plan, calib=calib, **options)
     from .calib import iter_batches

@@ -168,7 +168,8 @@ def _normalise_functional(cap: Captured) -> list[tuple[str, str, str]]:
             groups = int(vals.get("groups", 1))
             pad = vals.get("padding", 0)
             mod = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                      _tup(vals.get("stride", 1), nd), pad if isinstance(pad, str) else _tup(pad, nd), _tup(vals.get("dilation", 1), nd), groups,
+                      _tup(vals.get("stride", 1), nd), pad if isinstance(pad, str) else _tup(pad, nd),
+                      _tup(vals.get("dilation", 1), nd), groups,
                       bias=bias is not None, device="meta")
             mod.weight = weight
             if bias is not None:
