@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .budget import Budget, Candidate, solve
+from .calib import iter_batches
 from .candidates import Form, form_error, sketch_forms, svd_forms
 from .plan import Decision, LayerPlan, LayerSpec, Plan
 from .report import progress_bar
@@ -139,7 +140,10 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
     overrides = dict(overrides or {})
     ignore = [ignore] if isinstance(ignore, str) else list(ignore)
 
-    cap = capture(model, o["capture"])
+    batches = list(iter_batches(calib, o["max_batches"])) if calib is not None else None
+    if batches is not None and not batches:
+        raise ValueError("the calibration data yielded no batches")
+    cap = capture(model, o["capture"], example=batches[0] if batches else None)
     sites = find_sites(cap)
     notes = list(cap.notes)
     for s in sites:
@@ -149,11 +153,11 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
             if hit is not None:
                 s.skip = f"ignored by user ({hit!r})"
 
-    data = calib if calib is not None else o["example_inputs"]
+    data = batches if calib is not None else o["example_inputs"]
     obs = None
     if data is not None:
         with progress_bar("calibrating", None, o["progress"]) as adv:
-            obs = observe(cap.model, sites, data, max_batches=o["max_batches"], grams=calib is not None,
+            obs = observe(cap.model, sites, data, grams=calib is not None,
                           keep_samples=o["sensitivity_samples"] if calib is not None else 0,
                           progress=lambda n: adv(n))
         for s in sites:
@@ -284,9 +288,8 @@ def apply(model, plan: Plan, calib=None, **options):
     The result carries its plan (with measured errors) as ``small.sketchpass_plan``."""
     if _is_onnx(model):
         return _onnx().apply(model, plan, calib=calib, **options)
-    from .calib import iter_batches
     from .fx.match import find_sites
-    from .fx.rewrite import fit_all
+    from .fx.rewrite import fit_all, set_module
     from .fx.trace import capture
 
     unknown = set(options) - {"max_batches", "shrink", "progress", "refit"}
@@ -295,7 +298,8 @@ def apply(model, plan: Plan, calib=None, **options):
     if not isinstance(plan, Plan):
         raise TypeError(f"apply expects a sketchpass.Plan, got {type(plan).__name__} (use Plan.from_json)")
     shrink = options.get("shrink", plan.options.get("shrink", "auto"))
-    cap = capture(model, plan.capture if plan.capture in ("fx", "modules") else "auto")
+    batches = list(iter_batches(calib, options.get("max_batches"))) if calib is not None else None
+    cap = capture(model, "modules" if plan.capture == "modules" else "auto", example=batches[0] if batches else None)
     sites = {s.name: s for s in find_sites(cap)}
     out_plan = copy.deepcopy(plan)
     decisions = {}
@@ -321,7 +325,6 @@ def apply(model, plan: Plan, calib=None, **options):
     for s in active:
         if decisions[s.name].method == "dense":
             s.skip = s.skip or "dense"
-    batches = list(iter_batches(calib, options.get("max_batches"))) if calib is not None else None
     init = plan.options.get("init", "auto")
     build_init = "random" if init == "random" else plan.options.get("fit_init", "calibrated" if batches else "lstsq")
     if init == "random":
@@ -333,9 +336,16 @@ def apply(model, plan: Plan, calib=None, **options):
                 progress=lambda name: adv(1, name))
     small = cap.model
     if isinstance(small, torch.fx.GraphModule):
-        small.delete_all_unused_submodules()
-        small.graph.lint()
-        small.recompile()
+        if cap.functional:  # functional uses were rewritten in the graph: the graph is the result
+            small.delete_all_unused_submodules()
+            small.graph.lint()
+            small.recompile()
+        else:  # keep the user's own class and forward: swap the fitted modules into a copy
+            out = copy.deepcopy(model)
+            for s in active:
+                if decisions[s.name].method != "dense":
+                    set_module(out, s.path, small.get_submodule(s.path))
+            small = out
     small.train(model.training)
     out_plan.calib = out_plan.calib if calib is not None else None
     small.sketchpass_plan = out_plan

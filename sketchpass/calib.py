@@ -154,7 +154,10 @@ class GramAccumulator:
         self.calls = 0
         self.gram = torch.zeros(self.groups, self.n, self.n, dtype=torch.float64, device=device)
         self.count = 0  # rows
+        self.samples = 0  # images / sequences the rows came from (rows of one sample are correlated)
         self.fourth = torch.zeros(self.groups, dtype=torch.float64, device=device)  # Σ ‖x‖⁴
+        self.sum = torch.zeros(self.groups, self.n, dtype=torch.float64, device=device)  # Σ x
+        self.sq_sum = torch.zeros(self.groups, self.n, dtype=torch.float64, device=device)  # Σ ‖x‖² x
 
     def add_rows(self, rows: torch.Tensor) -> None:
         """``rows``: ``(N, groups · n)`` with group-major features."""
@@ -162,7 +165,10 @@ class GramAccumulator:
         for g in range(self.groups):
             xg = r[:, g]
             self.gram[g] += (xg.T @ xg).double()
-            self.fourth[g] += float((xg.square().sum(1).square()).sum(dtype=torch.float64))
+            a = xg.square().sum(1)  # ‖x‖² per row
+            self.fourth[g] += float(a.square().sum(dtype=torch.float64))
+            self.sum[g] += xg.sum(0, dtype=torch.float64)
+            self.sq_sum[g] += (a @ xg).double()
         self.count += rows.shape[0]
 
     def add_conv_input(self, x: torch.Tensor, kernel, stride, padding, dilation) -> None:
@@ -170,31 +176,66 @@ class GramAccumulator:
         # unfold order is (channel, kh, kw), so group g's features are the contiguous block
         # [g n, (g+1) n) of each patch row — exactly what add_rows splits.
         self.calls += 1
+        self.samples += x.shape[0]
         for rows in conv_rows(x.detach(), kernel, stride, padding, dilation, max_positions=self.max_positions,
                               seed=self.calls):
             self.add_rows(rows)
 
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
     def ledoit_wolf(self) -> torch.Tensor:
-        """Ledoit–Wolf shrinkage intensity per group, ``α = min(1, β² / δ²)`` with
-        ``β² = (Σ‖x‖⁴/N - ‖S‖²) / N`` and ``δ² = ‖S - μI‖²``, ``S = C/N``, ``μ = tr S / n``
-        (Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", 2004)."""
+        """Ledoit–Wolf shrinkage intensity per group for the *centred* covariance
+        ``S = C/N - x̄x̄ᵀ``: ``α = min(1, β²/δ²)``, ``β² = (Σ‖x_i - x̄‖⁴/N - ‖S‖²)/N``,
+        ``δ² = ‖S - μI‖²``, ``μ = tr S / n`` (Ledoit & Wolf, "A well-conditioned estimator for
+        large-dimensional covariance matrices", 2004).  Centring matters: inputs after a ReLU have a
+        large mean, whose rank-one term would dominate ``δ²`` and make ``α`` far too small.
+        ``Σ‖x_i - x̄‖⁴`` comes from streamed moments: with ``a = ‖x‖²``, ``b = xᵀx̄``, ``c = ‖x̄‖²``,
+        ``Σ(a - 2b + c)² = Σa² - 4 x̄ᵀ(Σ a x) + 4 x̄ᵀCx̄ + 2c tr C - 4N c² + N c²``."""
         N = max(self.count, 1)
         out = torch.zeros(self.groups, dtype=torch.float64)
         for g in range(self.groups):
-            S = self.gram[g] / N
+            xbar = self.sum[g] / N
+            c = float(xbar @ xbar)
+            C = self.gram[g]
+            S = C / N - torch.outer(xbar, xbar)
             mu = torch.trace(S) / self.n
             s2 = (S * S).sum()
             delta2 = s2 - 2 * mu * torch.trace(S) + mu * mu * self.n
-            beta2 = (self.fourth[g] / N - s2) / N
+            fourth_c = (self.fourth[g] - 4 * float(xbar @ self.sq_sum[g]) + 4 * float(xbar @ C @ xbar)
+                        + 2 * c * float(torch.trace(C)) - 3 * N * c * c)
+            beta2 = (fourth_c / N - s2) / N
+            # Rows of one conv input (overlapping patches) are far from independent: the sampling noise
+            # of S is that of ~N_eff = samples·√(rows per sample) rows, not of N rows (an empirical
+            # middle ground between fully dependent and independent positions).
+            if self.samples and N > self.samples:
+                beta2 = beta2 * math.sqrt(N / self.samples)
             out[g] = 1.0 if delta2 <= 0 else float(torch.clamp(beta2 / delta2, 0.0, 1.0))
         return out
 
-    def shrunk(self, alpha: float | str = "auto") -> torch.Tensor:
-        """The Grams shrunk toward ``(tr C/n) I`` with ``alpha`` (``"auto"`` = Ledoit–Wolf)."""
-        from .sketch.fit import shrink_gram
+    def alphas(self, alpha: float | str = "auto") -> torch.Tensor:
+        return self.ledoit_wolf() if alpha == "auto" else torch.full((self.groups,), float(alpha), dtype=torch.float64)
 
-        alphas = self.ledoit_wolf() if alpha == "auto" else torch.full((self.groups,), float(alpha))
-        return torch.stack([shrink_gram(self.gram[g], float(alphas[g])) for g in range(self.groups)])
+    def shrunk(self, alpha: float | str = "auto") -> torch.Tensor:
+        """The Grams with their centred part shrunk toward a scaled identity (the mean kept):
+        ``C_s = N [x̄x̄ᵀ + (1-α) S + α μ I] = (1-α) C + α N (x̄x̄ᵀ + μ I)``; ``alpha="auto"`` is
+        Ledoit–Wolf."""
+        al = self.alphas(alpha)
+        return torch.stack([shrink_centered(self.gram[g], self.gram[g], self.sum[g], self.sum[g], self.count,
+                                            float(al[g])) for g in range(self.groups)])
+
+
+def shrink_centered(M: torch.Tensor, C: torch.Tensor, sum_x: torch.Tensor, sum_y: torch.Tensor, count: int,
+                    alpha: float) -> torch.Tensor:
+    """``(1-α) M + α N (x̄ ȳᵀ + μ I)`` with ``μ = tr(C/N - ȳȳᵀ)/n`` from the Gram ``C`` of the ``y``s.
+
+    For ``M = C`` (``x = y``) this is the shrunk Gram; for the cross Gram ``M = Σ x yᵀ`` of the refit
+    it is the matching shrinkage, so that ``x = y`` gives ``M_s = C_s`` exactly."""
+    N = max(count, 1)
+    n = C.shape[0]
+    ybar = sum_y / N
+    mu = (torch.trace(C) / N - ybar @ ybar) / n
+    return (1 - alpha) * M + alpha * N * (torch.outer(sum_x / N, ybar) + mu * torch.eye(n, dtype=M.dtype))
 
 
 class CrossGramAccumulator:
@@ -204,6 +245,7 @@ class CrossGramAccumulator:
     def __init__(self, n_features: int, groups: int = 1, max_positions: int | None = MAX_POSITIONS):
         self.hat = GramAccumulator(n_features, groups, max_positions=max_positions)
         self.cross = torch.zeros(groups, n_features, n_features, dtype=torch.float64)
+        self.sum = torch.zeros(groups, n_features, dtype=torch.float64)  # Σ x (original inputs)
 
     def add_rows(self, rows: torch.Tensor, rows_hat: torch.Tensor) -> None:
         G, n = self.hat.groups, self.hat.n
@@ -211,10 +253,12 @@ class CrossGramAccumulator:
         rh = rows_hat.detach().reshape(rows.shape[0], G, n).float()
         for g in range(G):
             self.cross[g] += (r[:, g].T @ rh[:, g]).double()
+            self.sum[g] += r[:, g].sum(0, dtype=torch.float64)
         self.hat.add_rows(rows_hat)
 
     def add_conv_inputs(self, x, x_hat, kernel, stride, padding, dilation) -> None:
         self.hat.calls += 1
+        self.hat.samples += x.shape[0]
         mp, seed = self.hat.max_positions, self.hat.calls  # same positions for x and x̂
         for rows, rows_hat in zip(conv_rows(x.detach(), kernel, stride, padding, dilation, max_positions=mp, seed=seed),
                                   conv_rows(x_hat.detach(), kernel, stride, padding, dilation, max_positions=mp,

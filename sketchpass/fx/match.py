@@ -119,6 +119,7 @@ def _normalise_functional(cap: Captured) -> list[tuple[str, str, str]]:
     gm, graph = cap.model, cap.graph
     made = []
     declined = []
+    consumed: list[str] = []  # attributes now held by the new modules
     for node in list(graph.nodes):
         fn = node.target
         kind = None
@@ -186,6 +187,9 @@ def _normalise_functional(cap: Captured) -> list[tuple[str, str, str]]:
             mod.weight = nn.Parameter(weight.detach().T.contiguous(), requires_grad=weight.requires_grad)
             source = "matmul"
         gm.add_submodule(path, mod)
+        consumed.append(w_node.target)
+        if kind != "matmul" and b_node is not None:
+            consumed.append(b_node.target)
         with graph.inserting_before(node):
             new = graph.call_module(path, (args[0] if args else kwargs["input"],))
         node.replace_all_uses_with(new)
@@ -194,6 +198,17 @@ def _normalise_functional(cap: Captured) -> list[tuple[str, str, str]]:
     if made:
         graph.eliminate_dead_code()
         graph.lint()
+        # The parameters now live in the new modules: drop the old attributes nothing fetches any more,
+        # so that parameter counts (and state_dict keys) do not hold them twice.
+        still = {n.target for n in graph.nodes if n.op == "get_attr"}
+        for target in dict.fromkeys(consumed):
+            if target not in still:
+                owner_path, _, attr = target.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                if attr in owner._parameters:
+                    del owner._parameters[attr]
+                elif hasattr(owner, attr):
+                    delattr(owner, attr)
         gm.recompile()
     cap.notes.extend(f"{n}: {r}" for n, r in declined)
     return made
@@ -202,6 +217,7 @@ def _normalise_functional(cap: Captured) -> list[tuple[str, str, str]]:
 def find_sites(cap: Captured, normalise: bool = True) -> list[Site]:
     """All matched layers of the captured model, in module order, with a skip reason where declined."""
     functional = _normalise_functional(cap) if (cap.graph is not None and normalise) else []
+    cap.functional = cap.functional or bool(functional)
     fn_paths = {path: (name, source) for name, path, source in functional}
     uses = _param_uses(cap)
     mha = _mha_children(cap.model) if cap.graph is None else set()

@@ -23,10 +23,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..calib import CrossGramAccumulator, call_model
+from ..calib import CrossGramAccumulator, call_model, shrink_centered
 from ..layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
 from ..plan import Decision
-from ..sketch.fit import _gram_factor, shrink_gram
+from ..sketch.fit import _gram_factor
 from .match import Site
 
 _SK = {nn.Linear: SKLinear, nn.Conv1d: SKConv1d, nn.Conv2d: SKConv2d}
@@ -74,21 +74,22 @@ def build(site: Site, d: Decision, *, seed: int, dist: str, init: str, grams: to
 
 
 def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: float | str):
-    """``(W', Ĉ_s)``: the refit target and the shrunk compressed-input Grams (see module docstring)."""
+    """``(W', Ĉ_s)``: the refit target and the shrunk compressed-input Grams (see module docstring).
+
+    ``Ĉ_s`` and ``M_s`` are shrunk with the same intensity toward the same target
+    (:func:`~sketchpass.calib.shrink_centered`), so unchanged inputs give ``W' = W``."""
     Wm = W.detach().double().reshape(W.shape[0], -1)
     co = Wm.shape[0] // groups
-    alphas = acc.hat.ledoit_wolf() if alpha == "auto" else torch.full((groups,), float(alpha), dtype=torch.float64)
+    hat = acc.hat
+    alphas = hat.alphas(alpha)
     targets, grams = [], []
     for g in range(groups):
         a = float(alphas[g])
-        C_hat = shrink_gram(acc.hat.gram[g], a)
-        n = C_hat.shape[0]
-        mu = torch.trace(acc.hat.gram[g]) / n
-        M = (1 - a) * acc.cross[g] + a * mu * torch.eye(n, dtype=torch.float64)
+        C_hat = shrink_centered(hat.gram[g], hat.gram[g], hat.sum[g], hat.sum[g], hat.count, a)
+        M = shrink_centered(acc.cross[g], hat.gram[g], acc.sum[g], hat.sum[g], hat.count, a)
         Wg = Wm[g * co:(g + 1) * co]
         L = _gram_factor(C_hat, 1e-10)  # damps harder if round-off makes Ĉ indefinite
-        target = torch.cholesky_solve((Wg @ M).T, L).T
-        targets.append(target)
+        targets.append(torch.cholesky_solve((Wg @ M).T, L).T)
         grams.append(C_hat)
     return torch.cat(targets, 0), torch.stack(grams)
 
@@ -104,6 +105,16 @@ def _n_features(mod: nn.Module) -> tuple[int, int]:
     if isinstance(mod, nn.Linear):
         return mod.in_features, 1
     return mod.weight.shape[1] * mod.weight[0, 0].numel(), mod.groups
+
+
+def _signal(y: torch.Tensor, mod: nn.Module) -> float:
+    """``‖y - b‖²``: the layer's output energy without its bias, the denominator of the relative
+    output error (the same quantity as ``tr(W C Wᵀ)`` in the predicted error)."""
+    y = y.detach().double()
+    if getattr(mod, "bias", None) is not None:
+        b = mod.bias.detach().double()
+        y = y - (b if isinstance(mod, nn.Linear) else b.reshape(1, -1, *([1] * (y.dim() - 2))))
+    return float(y.square().sum())
 
 
 def _rel(a: float, b: float) -> float:
@@ -233,7 +244,7 @@ def _lockstep(gm, sites, decisions, batches, *, seed, dist, init, shrink, refit,
                     yn = _run_node(gm, node, env_n[c], module=current)
                     env_o[c][node], env_n[c][node] = yo, yn
                     err_num[site.name] = err_num.get(site.name, 0.0) + float((yn - yo).double().square().sum())
-                    err_den[site.name] = err_den.get(site.name, 0.0) + float(yo.double().square().sum())
+                    err_den[site.name] = err_den.get(site.name, 0.0) + _signal(yo, orig)
             else:
                 for c in range(len(batches)):
                     env_o[c][node] = _run_node(gm, node, env_o[c], module=_orig_module(node, originals))
@@ -319,13 +330,15 @@ def _per_layer(work, sites, decisions, batches, *, seed, dist, init, shrink, ref
             hooks.append(root.get_submodule(s.path).register_forward_hook(hook))
     num: dict[str, float] = {}
     den: dict[str, float] = {}
+    paths = {s.name: s.path for s in sites}
     try:
         for b in batches:
             call_model(reference, b)
             call_model(work, b)
             for name, d in outs.items():
                 num[name] = num.get(name, 0.0) + sum(float((n - o).square().sum()) for o, n in zip(d["o"], d["n"]))
-                den[name] = den.get(name, 0.0) + sum(float(o.square().sum()) for o in d["o"])
+                mod = ref_modules[paths[name]]
+                den[name] = den.get(name, 0.0) + sum(_signal(o, mod) for o in d["o"])
                 d["o"].clear()
                 d["n"].clear()
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -20,15 +21,44 @@ class Captured:
     model: nn.Module  # a GraphModule (capture == "fx") or a deep copy of the input ("modules")
     capture: str  # "fx" | "modules"
     notes: list[str] = field(default_factory=list)
+    functional: bool = False  # F.linear / F.conv / matmul uses were turned into modules (needs the graph)
 
     @property
     def graph(self) -> torch.fx.Graph | None:
         return self.model.graph if isinstance(self.model, torch.fx.GraphModule) else None
 
 
-def capture(model: nn.Module, mode: str = "auto") -> Captured:
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or (hasattr(out, "values") and callable(out.values)):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def _reproduces(gm: nn.Module, model: nn.Module, example) -> str | None:
+    """``None`` if the traced graph gives the model's outputs on ``example``, else why not.
+
+    fx records one path through Python control flow (``if x is None``, shape checks, ...); running it
+    once against the original catches graphs that silently specialised on something else."""
+    from ..calib import call_model
+
+    try:
+        with torch.no_grad():
+            ref, got = _flat(call_model(model, example)), _flat(call_model(gm, example))
+    except Exception as exc:  # noqa: BLE001 - any failure means the graph is unusable
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+    if len(ref) != len(got) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                   for a, b in zip(ref, got)):
+        return "its outputs differ from the model's"
+    return None
+
+
+def capture(model: nn.Module, mode: str = "auto", example=None) -> Captured:
     """``mode``: ``"auto"`` (fx, falling back to modules), ``"fx"`` (fail if it cannot trace) or
-    ``"modules"``."""
+    ``"modules"``.  With an ``example`` batch the traced graph is checked against the model."""
     if mode not in ("auto", "fx", "modules"):
         raise ValueError(f"capture must be 'auto', 'fx' or 'modules', got {mode!r}")
     if not isinstance(model, nn.Module):
@@ -49,4 +79,18 @@ def capture(model: nn.Module, mode: str = "auto") -> Captured:
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {first}); fell back to "
             "swapping nn.Linear/nn.Conv modules by name — functional F.linear/F.conv/matmul uses are not matched"])
     gm.train(work.training)
+    if example is not None:
+        was = work.training
+        work.eval()
+        gm.eval()
+        why = _reproduces(gm, work, example)
+        work.train(was)
+        gm.train(was)
+        if why is not None:
+            if mode == "fx":
+                raise ValueError(f"the torch.fx graph of {type(model).__name__} does not reproduce it on the "
+                                 f"calibration data ({why})")
+            return Captured(work, "modules", [
+                f"the torch.fx graph of {type(model).__name__} does not reproduce it on the calibration data "
+                f"({why}); fell back to swapping modules by name"])
     return Captured(gm, "fx")
