@@ -171,6 +171,9 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
         raise ValueError("a flops budget needs input shapes: pass calib= (or example_inputs= for data-free fits)")
     if calib is None:
         notes.append("no calibration data: data-free fits (weight error), every layer weighted equally")
+        if o["example_inputs"] is None:
+            notes.append("no input shapes: MACs are counted at one position per sample (pass example_inputs= "
+                         "for real MAC counts)")
 
     sens = {}
     if calib is not None and obs is not None:
