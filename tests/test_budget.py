@@ -54,7 +54,7 @@ def _brute_force(layers, limits, fixed):
 def test_solver_is_feasible_and_near_optimal_against_brute_force(two_units):
     rng = random.Random(0)
     gaps = []
-    for trial in range(40):
+    for _trial in range(40):
         layers = [_convex_layer(rng, rng.choice([100, 200, 400]), n_forms=4) for _ in range(5)]
         total = sum(c[0].cost["params"] for c in layers)
         limits = {"params": rng.uniform(0.3, 0.8) * total + 50}
