@@ -39,10 +39,6 @@ class Observation:
     kept: list = field(default_factory=list)  # batches kept for the sensitivity probes
 
 
-def _rows_linear(x: torch.Tensor, d_in: int) -> torch.Tensor:
-    return x.reshape(-1, d_in)
-
-
 def _tensors(out) -> list[torch.Tensor]:
     """Floating-point tensors of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
     if isinstance(out, torch.Tensor):
@@ -67,7 +63,6 @@ def observe(
     """One pass over the calibration data with forward hooks on every active site."""
     obs = Observation()
     active = [s for s in sites if s.skip is None]
-    current_batch = [1]
 
     def make_hook(site: Site):
         st = obs.stats.setdefault(site.name, SiteStats())
@@ -75,7 +70,6 @@ def observe(
 
         def hook(module, inputs, output):
             x = inputs[0]
-            n = current_batch[0]
             st.calls += 1
             if spec.op == "linear":
                 rows = x.numel() // spec.d_in
@@ -84,7 +78,7 @@ def observe(
                 if grams:
                     if st.gram is None:
                         st.gram = GramAccumulator(spec.d_in)
-                    st.gram.add_rows(_rows_linear(x, spec.d_in))
+                    st.gram.add_rows(x.reshape(-1, spec.d_in))
             else:
                 st.positions_in += math.prod(x.shape[2:]) * x.shape[0]
                 st.positions_out += math.prod(output.shape[2:]) * output.shape[0]
@@ -92,7 +86,6 @@ def observe(
                     if st.gram is None:
                         st.gram = GramAccumulator(spec.d_in // spec.groups * spec.hw, spec.groups)
                     st.gram.add_conv_input(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation)
-            del n
 
         return hook
 
@@ -103,7 +96,6 @@ def observe(
         with torch.no_grad():
             for i, batch in enumerate(iter_batches(calib, max_batches)):
                 n = batch_size(batch)
-                current_batch[0] = n
                 if i == 0:  # whole-model MACs per sample, on one sample, before any hook exists
                     with FlopCounterMode(display=False) as counter:
                         call_model(model, slice_batch(batch, 1))
