@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import sketch
 from .api import apply, plan, transform
 from .budget import Budget, InfeasibleBudgetError
+from .finetune import finetune
 from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
 from .plan import Decision, LayerSpec, Plan
 from .sketch.random import GENERATOR_ID
@@ -21,6 +22,7 @@ __all__ = [
     "LayerSpec",
     "Plan",
     "apply",
+    "finetune",
     "plan",
     "transform",
     "GENERATOR_ID",
