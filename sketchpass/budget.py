@@ -22,6 +22,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 UNITS = ("params", "flops")
 
 
@@ -173,6 +175,7 @@ def solve(
             best_choice, best_loss = choice, loss
     if best_choice is None:
         best_choice = _greedy_descend(layers, limits, fixed, scale, units)
+    best_choice = _swap_search(layers, best_choice, limits, fixed, scale, units)
     assert feasible(best_choice)
     return best_choice
 
@@ -202,6 +205,56 @@ def _greedy_fill(layers, choice, limits, fixed, scale, units) -> list[int]:
         choice[i] = j
         for u in units:
             used[u] += extra[u]
+
+
+def _swap_search(layers, choice, limits, fixed, scale, units, max_rounds: int = 500, near: int = 3) -> list[int]:
+    """Local search over pairs of moves: shrink one layer (to one of its next smaller forms) and grow
+    another with what that frees, whenever the pair lowers the total loss and stays within every
+    limit.  The Lagrangian solution sits on the convex hulls and the greedy fill only ever grows one
+    layer at a time, so both miss e.g. two layers at rank 40 when the hull offers 32 and 48.  The
+    shrinks tried are each layer's ``near`` next cheaper forms (cost summed over units, scaled by the
+    limits), the grows any form of another layer that fits."""
+    U = len(units)
+    flat = [(i, j) for i, cands in enumerate(layers) for j in range(len(cands))]
+    lay = np.array([i for i, _ in flat])
+    cost = np.array([[layers[i][j].cost[u] for u in units] for i, j in flat], dtype=np.float64).reshape(-1, U)
+    loss = np.array([layers[i][j].loss for i, j in flat], dtype=np.float64)
+    start = np.cumsum([0] + [len(c) for c in layers])
+    lim = np.array([limits[u] * (1 + 1e-12) for u in units])
+    size = (cost / np.array([scale[u] for u in units])).sum(1)  # one scalar "size" per form
+    choice = list(choice)
+    tol = 1e-12 * max(1.0, float(np.abs(loss).max(initial=0.0)))
+    for _ in range(max_rounds):
+        cur = np.array([start[i] + c for i, c in enumerate(choice)])
+        used = np.array([fixed[u] for u in units], dtype=np.float64) + cost[cur].sum(0)
+        d_cost = cost - cost[cur[lay]]  # (F, U): change of cost when layer lay[f] takes form f
+        d_loss = loss - loss[cur[lay]]
+        best, best_gain = None, tol
+        # single moves first (cheap), then pairs: a shrink of layer a (any form cheaper in some unit)
+        ok1 = np.all(used + d_cost <= lim, axis=1)
+        gain1 = np.where(ok1, -d_loss, -np.inf)
+        f = int(np.argmax(gain1))
+        if gain1[f] > best_gain:
+            best, best_gain = (f,), float(gain1[f])
+        shrinks = []
+        for i, c in enumerate(choice):
+            lo, hi = start[i], start[i + 1]
+            below = [f for f in range(lo, hi) if size[f] < size[lo + c]]
+            shrinks += sorted(below, key=lambda f: -size[f])[:near]
+        for a in shrinks:
+            room = used + d_cost[a]
+            ok = np.all(room + d_cost <= lim, axis=1) & (lay != lay[a]) & (d_loss < 0)
+            if not ok.any():
+                continue
+            gains = np.where(ok, -(d_loss[a] + d_loss), -np.inf)
+            b = int(np.argmax(gains))
+            if gains[b] > best_gain:
+                best, best_gain = (int(a), b), float(gains[b])
+        if best is None:
+            return choice
+        for f in best:
+            choice[lay[f]] = int(f - start[lay[f]])
+    return choice
 
 
 def _greedy_descend(layers, limits, fixed, scale, units) -> list[int]:

@@ -121,15 +121,35 @@ def conv_rows(x: torch.Tensor, kernel, stride, padding, dilation, max_bytes: int
     n, c = x.shape[:2]
     n_feat = c * math.prod(kernel)
     h_out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-    per_sample = n_feat * math.prod(h_out) * 4
+    n_pos = math.prod(h_out)
+    sample = max_positions is not None and n_pos > max_positions
+    per_sample = n_feat * (max_positions if sample else n_pos) * 4
     chunk = max(1, int(max_bytes // max(per_sample, 1)))
     gen = torch.Generator().manual_seed(seed)
+    if sample:
+        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
     for s in range(0, n, chunk):
-        cols = F.unfold(x[s:s + chunk].float(), kernel, dilation=dilation, padding=padding, stride=stride)
-        if max_positions is not None and cols.shape[2] > max_positions:
-            idx = torch.randperm(cols.shape[2], generator=gen)[:max_positions].to(cols.device)
-            cols = cols[:, :, idx]
-        yield cols.transpose(1, 2).reshape(-1, n_feat)
+        if not sample:
+            cols = F.unfold(x[s:s + chunk].float(), kernel, dilation=dilation, padding=padding, stride=stride)
+            yield cols.transpose(1, 2).reshape(-1, n_feat)
+            continue
+        idx = torch.randperm(n_pos, generator=gen)[:max_positions]
+        yield _patches_at(xp[s:s + chunk].float(), idx.to(x.device), kernel, stride, dilation, h_out[1])
+
+
+def _patches_at(xp: torch.Tensor, idx: torch.Tensor, kernel, stride, dilation, w_out: int) -> torch.Tensor:
+    """The im2col rows of a (padded) input at output positions ``idx`` only — what ``F.unfold``
+    followed by a column selection gives, without unfolding every position: patch element
+    ``(c, i, j)`` of output position ``(oy, ox)`` is ``xp[c, oy·s_y + i·d_y, ox·s_x + j·d_x]``."""
+    n, c, _, width = xp.shape
+    oy, ox = idx // w_out, idx % w_out
+    ky = torch.arange(kernel[0], device=xp.device) * dilation[0]
+    kx = torch.arange(kernel[1], device=xp.device) * dilation[1]
+    rows = oy[:, None, None] * stride[0] + ky[None, :, None]
+    cols = ox[:, None, None] * stride[1] + kx[None, None, :]
+    flat = (rows * width + cols).reshape(-1)  # (P · kh · kw), position-major
+    g = xp.flatten(2)[:, :, flat].reshape(n, c, idx.numel(), -1)  # (n, c, P, kh·kw)
+    return g.permute(0, 2, 1, 3).reshape(n * idx.numel(), -1)
 
 
 def _same_padding(mode: str, kernel, dilation):

@@ -74,7 +74,9 @@ def test_solver_is_feasible_and_near_optimal_against_brute_force(two_units):
         assert loss >= opt - 1e-12
         gaps.append(loss - opt)
         assert loss <= opt * 1.5 + 0.05 * max(c.loss for layer in layers for c in layer)
-    assert sum(g < 1e-9 for g in gaps) >= 0.5 * len(gaps)  # optimal in most instances
+    # optimal in most instances: the Lagrangian + greedy fill alone found 28/40 and 32/40 here; the
+    # pairwise swap search lifts that to 35/40 and 36/40
+    assert sum(g < 1e-9 for g in gaps) >= 0.85 * len(gaps)
 
 
 def test_solver_prefers_cheap_error_where_it_is_cheap():

@@ -13,6 +13,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..calib import slice_batch
+
 
 @dataclass
 class Captured:
@@ -83,7 +85,7 @@ def capture(model: nn.Module, mode: str = "auto", example=None) -> Captured:
         was = work.training
         work.eval()
         gm.eval()
-        why = _reproduces(gm, work, example)
+        why = _reproduces(gm, work, slice_batch(example, 2))  # two samples are enough to check the graph
         work.train(was)
         gm.train(was)
         if why is not None:
