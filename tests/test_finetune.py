@@ -272,3 +272,21 @@ def test_cuda_device():
     out = sp.finetune(small, teacher=teacher, data=_data(2), steps=2, device="cuda")
     assert next(out.parameters()).is_cuda and not next(teacher.parameters()).is_cuda
     assert all(b.is_cuda for n, b in out.named_buffers())
+
+
+@pytest.mark.assets
+def test_distillation_wins_back_accuracy_on_the_mnist_cnn():
+    from sketchpass.datasets import mnist_tensors
+    from sketchpass.zoo import load_mnist_cnn
+
+    model = load_mnist_cnn()
+    x, _ = mnist_tensors("train", n=6144)
+    xt, yt = mnist_tensors("test", n=2000)
+    small = sp.transform(model, sp.Budget(params=0.10), calib=list(x[:1024].split(256)), method="svd")
+
+    def acc(m):
+        with torch.no_grad():
+            return float((m(xt).argmax(1) == yt).float().mean())
+
+    tuned = sp.finetune(small, teacher=model, data=list(x.split(128)), epochs=1, lr=3e-3, temperature=4.0)
+    assert acc(tuned) > acc(small) + 0.01, (acc(small), acc(tuned))
