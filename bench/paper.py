@@ -44,7 +44,7 @@ What it measures
 Outputs (``--out``, default ``docs``): ``paper.json``, ``paper.md`` (the command and the tables,
 generated) and ``paper.png`` (accuracy vs sketched-layer params ratio).
 
-How to run (about 18 minutes on 2 CPU cores with the defaults; slower when the cores are shared)::
+How to run (about 16 minutes on 2 CPU cores with the defaults, measured with other jobs sharing the cores)::
 
     python bench/paper.py
     python bench/paper.py --seeds 1 --train-n 5000 --skip-l-study    # quick look
@@ -425,7 +425,7 @@ def verdicts(results: list[dict]) -> list[str]:
         return ["not evaluated (Fashion-MNIST dense, sketch 8x and thin 8x are needed)"]
     gap = d["mean"] - s["mean"]
     return [f"Fashion-MNIST sketch 8× within 1.0 point of dense: {'**met**' if gap <= 1.0 else '**not met**'} "
-            f"(dense {_pm(d)}, sketch 8× {_pm(s)}: {gap:+.2f} points below dense)",
+            f"(dense {_pm(d)}, sketch 8× {_pm(s)}: sketch − dense = {-gap:+.2f} points)",
             f"Fashion-MNIST sketch 8× not worse than thin 8× (equal params): "
             f"{'**met**' if s['mean'] >= t['mean'] else '**not met**'} (thin 8× {_pm(t)}, "
             f"difference {s['mean'] - t['mean']:+.2f})"]
@@ -439,8 +439,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-n", type=int, default=12000, help="first N training images of each dataset")
     ap.add_argument("--test-n", type=int, default=5000, help="first N test images (default %(default)s)")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="Fashion-MNIST configurations")
     ap.add_argument("--mnist-configs", default="dense,sketch 8x,low-rank 8x,thin 8x",
