@@ -203,7 +203,13 @@ def choose(layers: list[PlanLayer], budget: Budget, *, model_params: int, model_
         row += [Candidate({"params": f.params, "flops": f.macs}, lp.sensitivity * f.error, f) for f in forms]
         cands.append(row)
     if cands:
-        choice = solve(cands, limits, fixed)
+        try:
+            choice = solve(cands, limits, fixed)
+        except InfeasibleBudgetError as exc:  # add the smallest achievable value as a fraction of the model
+            lows = {u: fixed[u] + sum(min(c.cost[u] for c in row) for row in cands) for u in units}
+            fr = ", ".join(f"{u}={lows[u] / totals[u]:.4f}" for u in units if totals[u] and lows[u] > limits[u])
+            raise InfeasibleBudgetError(f"{exc}; as a fraction of the model the smallest achievable is {fr}"
+                                        if fr else str(exc)) from None
     else:
         choice = []
         for u in units:
