@@ -101,9 +101,17 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
                          "for real MAC counts)")
 
     if calib is not None and obs is not None:
-        with progress_bar("sensitivity", None, o["progress"]):
-            sens = sensitivity(cap.model, sites, obs.kept, probes=o["probes"], seed=seed)
-        if sens and not any(v > 0 for v in sens.values()):
+        try:
+            with progress_bar("sensitivity", None, o["progress"]):
+                sens = sensitivity(cap.model, sites, obs.kept, probes=o["probes"], seed=seed)
+        except RuntimeError as exc:  # e.g. in-place ops on tensors autograd needs: no backward through the model
+            first = " ".join(str(exc).split())[:160]
+            notes.append(f"sensitivities could not be measured (backward through the model failed: {first}); every "
+                         "layer weighted equally")
+            sens = {}
+        if not sens:
+            pass
+        elif not any(v > 0 for v in sens.values()):
             notes.append("the model output is zero on the calibration data: sensitivities cannot be measured, "
                          "every layer weighted equally")
         else:

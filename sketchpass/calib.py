@@ -179,12 +179,16 @@ class GramAccumulator:
         self.sum = torch.zeros(self.groups, self.n, dtype=torch.float64, device=device)  # Σ x
         self.sq_sum = torch.zeros(self.groups, self.n, dtype=torch.float64, device=device)  # Σ ‖x‖² x
 
-    def add_rows(self, rows: torch.Tensor) -> None:
-        """``rows``: ``(N, groups · n)`` with group-major features."""
+    def add_rows(self, rows: torch.Tensor, products: list | None = None) -> None:
+        """``rows``: ``(N, groups · n)`` with group-major features.  ``products``, if given, receives each
+        group's ``xᵀx`` increment (reused by :class:`CrossGramAccumulator` when ``x̂ = x``)."""
         r = rows.detach().reshape(rows.shape[0], self.groups, self.n).float()
         for g in range(self.groups):
             xg = r[:, g]
-            self.gram[g] += (xg.T @ xg).double()
+            p = (xg.T @ xg).double()
+            self.gram[g] += p
+            if products is not None:
+                products.append(p)
             a = xg.square().sum(1)  # ‖x‖² per row
             self.fourth[g] += float(a.square().sum(dtype=torch.float64))
             self.sum[g] += xg.sum(0, dtype=torch.float64)
@@ -269,6 +273,14 @@ class CrossGramAccumulator:
 
     def add_rows(self, rows: torch.Tensor, rows_hat: torch.Tensor) -> None:
         G, n = self.hat.groups, self.hat.n
+        if rows_hat is rows:  # inputs unchanged so far: Σ x x̂ᵀ = Σ x̂ x̂ᵀ, one product per group
+            products: list = []
+            self.hat.add_rows(rows, products)
+            r = rows.detach().reshape(rows.shape[0], G, n).float()
+            for g in range(G):
+                self.cross[g] += products[g]
+                self.sum[g] += r[:, g].sum(0, dtype=torch.float64)
+            return
         r = rows.detach().reshape(rows.shape[0], G, n).float()
         rh = rows_hat.detach().reshape(rows.shape[0], G, n).float()
         for g in range(G):
@@ -280,6 +292,10 @@ class CrossGramAccumulator:
         self.hat.calls += 1
         self.hat.samples += x.shape[0]
         mp, seed = self.hat.max_positions, self.hat.calls  # same positions for x and x̂
+        if x_hat is x:
+            for rows in conv_rows(x.detach(), kernel, stride, padding, dilation, max_positions=mp, seed=seed):
+                self.add_rows(rows, rows)
+            return
         for rows, rows_hat in zip(conv_rows(x.detach(), kernel, stride, padding, dilation, max_positions=mp, seed=seed),
                                   conv_rows(x_hat.detach(), kernel, stride, padding, dilation, max_positions=mp,
                                             seed=seed)):

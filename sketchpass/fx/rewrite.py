@@ -96,7 +96,8 @@ def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: floa
 
 def _accumulate(acc: CrossGramAccumulator, mod: nn.Module, x: torch.Tensor, xh: torch.Tensor) -> None:
     if isinstance(mod, nn.Linear):
-        acc.add_rows(x.reshape(-1, mod.in_features), xh.reshape(-1, mod.in_features))
+        rows = x.reshape(-1, mod.in_features)
+        acc.add_rows(rows, rows if xh is x else xh.reshape(-1, mod.in_features))
     else:
         acc.add_conv_inputs(x, xh, mod.kernel_size, mod.stride, mod.padding, mod.dilation)
 
@@ -240,15 +241,26 @@ def _lockstep(gm, sites, decisions, batches, *, seed, dist, init, shrink, refit,
                         progress(site.name)
                 current = gm.get_submodule(node.target)
                 for c in range(len(batches)):
-                    yo = _run_node(gm, node, env_o[c], module=orig)
-                    yn = _run_node(gm, node, env_n[c], module=current)
+                    if current is orig and _shared(node, env_o[c], env_n[c]):  # dense and same input: run once
+                        yo = yn = _run_node(gm, node, env_o[c], module=orig)
+                    else:
+                        _unshare(node, env_o[c], env_n[c])
+                        yo = _run_node(gm, node, env_o[c], module=orig)
+                        yn = _run_node(gm, node, env_n[c], module=current)
                     env_o[c][node], env_n[c][node] = yo, yn
-                    err_num[site.name] = err_num.get(site.name, 0.0) + float((yn - yo).double().square().sum())
+                    if yn is not yo:
+                        err_num[site.name] = err_num.get(site.name, 0.0) + float((yn - yo).double().square().sum())
+                    else:
+                        err_num.setdefault(site.name, 0.0)
                     err_den[site.name] = err_den.get(site.name, 0.0) + _signal(yo, orig)
             else:
                 for c in range(len(batches)):
-                    env_o[c][node] = _run_node(gm, node, env_o[c], module=_orig_module(node, originals))
-                    env_n[c][node] = _run_node(gm, node, env_n[c])
+                    if _shared(node, env_o[c], env_n[c]):  # nothing compressed upstream yet: one stream
+                        env_o[c][node] = env_n[c][node] = _run_node(gm, node, env_o[c])
+                    else:
+                        _unshare(node, env_o[c], env_n[c])
+                        env_o[c][node] = _run_node(gm, node, env_o[c], module=_orig_module(node, originals))
+                        env_n[c][node] = _run_node(gm, node, env_n[c])
             for a in node.all_input_nodes:
                 if last.get(a) == i:
                     for c in range(len(batches)):
@@ -258,6 +270,22 @@ def _lockstep(gm, sites, decisions, batches, *, seed, dist, init, shrink, refit,
         gm.train(was_training)
     for name in err_num:
         decisions[name].measured_error = _rel(err_num[name], err_den[name])
+
+
+def _shared(node, env_o: dict, env_n: dict) -> bool:
+    """Whether both streams hold the very same objects for every input of ``node`` (true until the first
+    compressed layer upstream): then the node runs once and both streams share the result."""
+    return all(env_n[a] is env_o[a] for a in node.all_input_nodes)
+
+
+def _unshare(node, env_o: dict, env_n: dict) -> None:
+    """Before the streams run ``node`` separately, give the compressed stream its own copy of any input
+    still shared with the original stream, so an in-place op (``relu_``, ``+=``) in one stream can never
+    change the other's value."""
+    for a in node.all_input_nodes:
+        v = env_n[a]
+        if v is env_o[a] and isinstance(v, torch.Tensor):
+            env_n[a] = v.clone()
 
 
 def _orig_module(node, originals):
