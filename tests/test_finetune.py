@@ -10,14 +10,7 @@ from torch import nn
 import sketchpass as sp
 from sketchpass.finetune import distillation_loss, factor_parameter_names
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny GEMMs: one thread is several times faster than two on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(seed=0):

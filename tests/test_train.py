@@ -10,13 +10,7 @@ from torch import nn
 
 import sketchpass as sp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense_var(fan_in: int) -> float:
