@@ -245,8 +245,9 @@ def svd_spectrum(W: torch.Tensor, gram: torch.Tensor | None = None, damp: float 
     ``Σ_{i>r} σ_i² / Σ σ_i²`` (Eckart–Young in the ``C``-weighted norm).  Computed from the
     eigenvalues of ``W C Wᵀ`` when ``d_out ≤ n`` (no factorisation of the ``n × n`` Gram)."""
     W = _f64(W)
-    if gram is None:
-        return torch.linalg.svdvals(W)
+    if gram is None:  # eigenvalues of the smaller of W Wᵀ and Wᵀ W: several times faster than svdvals
+        ev = torch.linalg.eigvalsh(W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
+        return torch.flip(ev.clamp_min(0).sqrt(), [0])
     C = _f64(gram)
     if _output_side(W, C):
         ev = torch.linalg.eigvalsh((W @ C) @ W.T)
@@ -263,16 +264,24 @@ def fit_svd(
     ``LR = U_r U_rᵀ W`` (Eckart–Young: the best rank-r approximation of ``W C^{1/2}`` is
     ``U_r U_rᵀ W C^{1/2}``).  ``U_r`` are the top eigenvectors of ``W C Wᵀ`` — a ``d_out × d_out``
     problem, so the ``n × n`` Gram is never factorised.  When ``d_out > n`` we use the Cholesky factor
-    ``C + λI = Lc Lcᵀ`` and the SVD of ``W Lc`` instead.  Each component is scaled so that its
-    columns of ``L`` and rows of ``R`` have equal norms (``L = U_r D``, ``R = D⁻¹ U_rᵀ W``).
+    ``C + λI = Lc Lcᵀ`` and the SVD of ``W Lc`` instead.  Data-free (``C = I``) we take the
+    eigenvectors of the smaller of ``W Wᵀ`` and ``Wᵀ W`` (right vectors ``V_r``, ``LR = W V_r V_rᵀ``),
+    several times faster than an SVD of ``W`` for the 4096-wide layers of VGG-style nets.  Each
+    component is scaled so that its columns of ``L`` and rows of ``R`` have equal norms
+    (``L = U_r D``, ``R = D⁻¹ U_rᵀ W``).
     """
     W = _f64(W)
     d_out, n = W.shape
     if not 1 <= rank <= min(d_out, n):
         raise ValueError(f"rank must be in [1, {min(d_out, n)}] for a {d_out}x{n} weight, got {rank}")
     C = None if gram is None else _f64(gram)
-    if C is None:
-        U = torch.linalg.svd(W, full_matrices=False)[0][:, :rank]
+    if C is None and d_out > n:  # data-free, wide input side: top right singular vectors from Wᵀ W
+        V = torch.flip(torch.linalg.eigh(W.T @ W)[1][:, -rank:], [1])  # (n, r)
+        L = W @ V
+        scale = L.norm(dim=0).clamp_min(1e-300).sqrt()
+        return L / scale, V.T * scale[:, None]
+    if C is None:  # data-free: top left singular vectors from W Wᵀ (d_out ≤ n)
+        U = torch.flip(torch.linalg.eigh(W @ W.T)[1][:, -rank:], [1])
     elif _output_side(W, C):
         evecs = torch.linalg.eigh((W @ C) @ W.T)[1]
         U = torch.flip(evecs[:, -rank:], [1])
