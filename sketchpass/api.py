@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .budget import Budget
-from .calib import iter_batches
+from .calib import iter_batches, prefer_channels_last
 from .plan import Plan
 from .planner import METHODS, PlanLayer, apply_ignore, choose, make_plan  # noqa: F401  (METHODS re-exported)
 from .planner import check_options as _check_options
@@ -69,6 +69,8 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
     if batches is not None and not batches:
         raise ValueError("the calibration data yielded no batches")
     cap = capture(model, o["capture"], example=batches[0] if batches else None)
+    if batches:
+        batches = prefer_channels_last(cap.model, batches)
     sites = find_sites(cap)
     notes = list(cap.notes)
     layers = [PlanLayer(s.spec, s.module.weight, skip=s.skip, kind=type(s.module).__name__) for s in sites]
@@ -148,6 +150,8 @@ def apply(model, plan: Plan, calib=None, **options):
     shrink = options.get("shrink", plan.options.get("shrink", "auto"))
     batches = list(iter_batches(calib, options.get("max_batches"))) if calib is not None else None
     cap = capture(model, "modules" if plan.capture == "modules" else "auto", example=batches[0] if batches else None)
+    if batches:
+        batches = prefer_channels_last(cap.model, batches)
     sites = {s.name: s for s in find_sites(cap)}
     out_plan = copy.deepcopy(plan)
     decisions = {}

@@ -102,6 +102,72 @@ def move_batch(batch: Any, device) -> Any:
     return batch
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """Floating-point tensors of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if torch.is_floating_point(out) else []
+    if isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in output_tensors(v)]
+    return []
+
+
+def _map_tensors(batch: Any, fn) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    return batch
+
+
+def _is_image(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and torch.is_floating_point(t) and t.device.type == "cpu"
+
+
+def prefer_channels_last(model: torch.nn.Module, batches: list) -> list:
+    """The calibration batches with their 4-D float CPU tensors in channels-last layout, when the model
+    gives the same outputs that way; else the batches unchanged.
+
+    oneDNN runs 2-D convs about 1.5× faster on channels-last inputs on CPU (ResNet-50, 16 images at
+    224², 2 cores: 1.69 s vs 2.56 s forward, 3.1 s vs 4.1 s forward + backward), and the layout
+    propagates from the input, so the passes over the calibration data get faster without touching
+    the model.  Models that ``.view`` activations fail in that layout; the check (2 samples, both
+    layouts, outputs within 1e-4 of their scale) keeps those on the default layout."""
+    if not batches or not any(_is_image(t) for t in _leaves(batches[0])):
+        return batches
+    def cl(t):
+        return t.contiguous(memory_format=torch.channels_last) if _is_image(t) else t
+
+    probe = slice_batch(batches[0], 2)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = output_tensors(call_model(model, probe))
+            out = output_tensors(call_model(model, _map_tensors(probe, cl)))
+    except Exception:  # e.g. .view() on a channels-last activation
+        return batches
+    finally:
+        model.train(was_training)
+    if len(ref) != len(out) or not ref:
+        return batches
+    for a, b in zip(ref, out):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if a.shape != b.shape or not bool(torch.isfinite(b).all() == torch.isfinite(a).all()) or (
+                a.numel() and float((a - b).abs().max()) > 1e-4 * max(scale, 1e-12)):
+            return batches
+    return [_map_tensors(b, cl) for b in batches]
+
+
+def _leaves(batch: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    _map_tensors(batch, lambda t: out.append(t) or t)
+    return out
+
+
 # --------------------------------------------------------------------------- im2col
 def conv_rows(x: torch.Tensor, kernel, stride, padding, dilation, max_bytes: int = UNFOLD_BYTES,
               max_positions: int | None = None, seed: int = 0):
@@ -165,30 +231,74 @@ def _same_padding(mode: str, kernel, dilation):
 
 
 # --------------------------------------------------------------------------- accumulators
+BLOCK = 512  # feature block of the symmetric Gram products (only blocks on or above the diagonal are computed)
+
+
+def _edges(n: int) -> list[int]:
+    b = max(1, round(n / BLOCK))
+    return [round(i * n / b) for i in range(b + 1)]
+
+
+def sym_add(X: torch.Tensor, upper: list[torch.Tensor], full: tuple[torch.Tensor, ...] = ()) -> None:
+    """Add ``XᵀX`` (float32 products) into float64 matrices: into each of ``upper`` on and above the diagonal
+    blocks only (:func:`_edges`; the caller mirrors them), into each of ``full`` entirely.  Computing
+    only the upper block triangle halves the ``rows · n²`` flops of wide layers (1.8–2× faster for
+    ``n`` in the thousands, measured on 2 cores)."""
+    e = _edges(X.shape[1])
+    for a, b in zip(e[:-1], e[1:]):
+        blk = X[:, a:b].T @ X[:, a:]  # (b-a, n-a): the block row from the diagonal on
+        for T in upper:
+            T[a:b, a:].add_(blk)
+        for T in full:
+            T[a:b, a:].add_(blk)
+            if b < X.shape[1]:
+                T[b:, a:b].add_(blk[:, b - a:].T)
+
+
+def mirror_upper(G: torch.Tensor, n: int) -> None:
+    """Copy the blocks above the diagonal (of :func:`_edges`) onto those below, in place."""
+    e = _edges(n)
+    for i in range(len(e) - 1):
+        a, b = e[i], e[i + 1]
+        if b < n:
+            G[b:, a:b].copy_(G[a:b, b:].T)
+
+
 class GramAccumulator:
-    """Streaming ``Σ x xᵀ`` per group (float64), with the counts needed for shrinkage."""
+    """Streaming ``Σ x xᵀ`` per group (float64), with the counts needed for shrinkage.
+
+    The products are accumulated on and above the diagonal blocks only (:func:`sym_add`); reading
+    :attr:`gram` mirrors them into the full symmetric matrices."""
 
     def __init__(self, n_features: int, groups: int = 1, device=None, max_positions: int | None = MAX_POSITIONS):
         self.groups, self.n = int(groups), int(n_features)
         self.max_positions = max_positions
         self.calls = 0
-        self.gram = torch.zeros(self.groups, self.n, self.n, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(self.groups, self.n, self.n, dtype=torch.float64, device=device)
+        self._mirrored = True
         self.count = 0  # rows
         self.samples = 0  # images / sequences the rows came from (rows of one sample are correlated)
         self.fourth = torch.zeros(self.groups, dtype=torch.float64, device=device)  # Σ ‖x‖⁴
         self.sum = torch.zeros(self.groups, self.n, dtype=torch.float64, device=device)  # Σ x
         self.sq_sum = torch.zeros(self.groups, self.n, dtype=torch.float64, device=device)  # Σ ‖x‖² x
 
-    def add_rows(self, rows: torch.Tensor, products: list | None = None) -> None:
-        """``rows``: ``(N, groups · n)`` with group-major features.  ``products``, if given, receives each
-        group's ``xᵀx`` increment (reused by :class:`CrossGramAccumulator` when ``x̂ = x``)."""
+    @property
+    def gram(self) -> torch.Tensor:
+        """``(groups, n, n)`` float64: ``Σ x xᵀ`` per group."""
+        if not self._mirrored:
+            for g in range(self.groups):
+                mirror_upper(self._gram[g], self.n)
+            self._mirrored = True
+        return self._gram
+
+    def add_rows(self, rows: torch.Tensor, also: torch.Tensor | None = None) -> None:
+        """``rows``: ``(N, groups · n)`` with group-major features.  ``also`` (``(groups, n, n)``, optional)
+        receives the same ``xᵀx`` increments in full (:class:`CrossGramAccumulator` when ``x̂ = x``)."""
         r = rows.detach().reshape(rows.shape[0], self.groups, self.n).float()
+        self._mirrored = False
         for g in range(self.groups):
             xg = r[:, g]
-            p = (xg.T @ xg).double()
-            self.gram[g] += p
-            if products is not None:
-                products.append(p)
+            sym_add(xg, [self._gram[g]], () if also is None else (also[g],))
             a = xg.square().sum(1)  # ‖x‖² per row
             self.fourth[g] += float(a.square().sum(dtype=torch.float64))
             self.sum[g] += xg.sum(0, dtype=torch.float64)
@@ -222,11 +332,15 @@ class GramAccumulator:
             xbar = self.sum[g] / N
             c = float(xbar @ xbar)
             C = self.gram[g]
-            S = C / N - torch.outer(xbar, xbar)
-            mu = torch.trace(S) / self.n
-            s2 = (S * S).sum()
-            delta2 = s2 - 2 * mu * torch.trace(S) + mu * mu * self.n
-            fourth_c = (self.fourth[g] - 4 * float(xbar @ self.sq_sum[g]) + 4 * float(xbar @ C @ xbar)
+            # ‖S‖² and tr S of S = C/N - x̄x̄ᵀ without forming S (n² values: a second of memory traffic
+            # for the 4608-wide Grams of ResNet-50's last stage)
+            flat = C.reshape(-1)
+            xCx = float(xbar @ C @ xbar)
+            tr_s = float(torch.trace(C)) / N - c
+            s2 = float(flat @ flat) / (N * N) - 2 * xCx / N + c * c
+            mu = tr_s / self.n
+            delta2 = s2 - mu * mu * self.n  # ‖S - μI‖²
+            fourth_c = (self.fourth[g] - 4 * float(xbar @ self.sq_sum[g]) + 4 * xCx
                         + 2 * c * float(torch.trace(C)) - 3 * N * c * c)
             beta2 = (fourth_c / N - s2) / N
             # Rows of one conv input (overlapping patches) are far from independent: the sampling noise
@@ -258,35 +372,60 @@ def shrink_centered(M: torch.Tensor, C: torch.Tensor, sum_x: torch.Tensor, sum_y
     N = max(count, 1)
     n = C.shape[0]
     ybar = sum_y / N
-    mu = (torch.trace(C) / N - ybar @ ybar) / n
-    return (1 - alpha) * M + alpha * N * (torch.outer(sum_x / N, ybar) + mu * torch.eye(n, dtype=M.dtype))
+    mu = float((torch.trace(C) / N - ybar @ ybar) / n)
+    out = M * (1 - alpha)  # one n × n allocation; the rest in place (this runs on 4608² Grams)
+    out.addr_(sum_x / N, ybar, alpha=alpha * N)
+    out.diagonal().add_(alpha * N * mu)
+    return out
 
 
 class CrossGramAccumulator:
     """Streaming ``Σ x x̂ᵀ`` and ``Σ x̂ x̂ᵀ`` for the asymmetric refit (original ``x``, compressed-model
-    input ``x̂`` of the same layer on the same sample), per group."""
+    input ``x̂`` of the same layer on the same sample), per group.
 
-    def __init__(self, n_features: int, groups: int = 1, max_positions: int | None = MAX_POSITIONS):
+    With ``weight`` (the layer's im2col weight, ``(d_out, n)`` per group stacked: ``(groups · co, n)``)
+    only ``W M = Σ (W x) x̂ᵀ`` is kept (:attr:`wcross`, ``(groups, co, n)``) — all the refit needs, at
+    ``2·rows·co·n`` flops per batch instead of ``rows·n²`` for ``M`` itself (4.5× fewer for a
+    512-channel 3×3 conv); :attr:`cross` is then ``None``."""
+
+    def __init__(self, n_features: int, groups: int = 1, max_positions: int | None = MAX_POSITIONS,
+                 weight: torch.Tensor | None = None):
         self.hat = GramAccumulator(n_features, groups, max_positions=max_positions)
-        self.cross = torch.zeros(groups, n_features, n_features, dtype=torch.float64)
+        self.weight = None
+        self.cross = self.wcross = None
+        if weight is None:
+            self.cross = torch.zeros(groups, n_features, n_features, dtype=torch.float64)
+        else:
+            w = weight.detach().float().reshape(weight.shape[0], -1)
+            if w.shape[1] != n_features or w.shape[0] % groups:
+                raise ValueError(f"weight {tuple(w.shape)} does not match {groups} group(s) of {n_features} features")
+            self.weight = w.reshape(groups, w.shape[0] // groups, n_features)
+            self.wcross = torch.zeros(groups, w.shape[0] // groups, n_features, dtype=torch.float64)
         self.sum = torch.zeros(groups, n_features, dtype=torch.float64)  # Σ x (original inputs)
+        self.identical = True  # every x̂ so far was x itself: Σ x x̂ᵀ = Σ x̂ x̂ᵀ exactly
 
     def add_rows(self, rows: torch.Tensor, rows_hat: torch.Tensor) -> None:
         G, n = self.hat.groups, self.hat.n
-        if rows_hat is rows:  # inputs unchanged so far: Σ x x̂ᵀ = Σ x̂ x̂ᵀ, one product per group
-            products: list = []
-            self.hat.add_rows(rows, products)
-            r = rows.detach().reshape(rows.shape[0], G, n).float()
-            for g in range(G):
-                self.cross[g] += products[g]
-                self.sum[g] += r[:, g].sum(0, dtype=torch.float64)
-            return
+        if rows_hat is not rows and self.identical:
+            self.identical = False
+            if self.wcross is not None and self.hat.count:  # so far Σ x x̂ᵀ was the Gram itself
+                for g in range(G):
+                    self.wcross[g] += self.weight[g].double() @ self.hat.gram[g]
         r = rows.detach().reshape(rows.shape[0], G, n).float()
-        rh = rows_hat.detach().reshape(rows.shape[0], G, n).float()
+        rh = r if rows_hat is rows else rows_hat.detach().reshape(rows.shape[0], G, n).float()
+        if rows_hat is rows and self.cross is not None:  # Σ x x̂ᵀ = Σ x̂ x̂ᵀ: one product per group
+            self.hat.add_rows(rows, also=self.cross)
+        elif self.identical:  # W M = W Σ x xᵀ, formed from the Gram if x̂ ever differs (above)
+            self.hat.add_rows(rows)
+        else:
+            self.hat.add_rows(rh.reshape(rows.shape[0], G * n))
+            for g in range(G):
+                if self.cross is not None:
+                    self.cross[g].add_(r[:, g].T @ rh[:, g])
+                else:
+                    self.wcross[g].add_((r[:, g] @ self.weight[g].T).T @ rh[:, g])
         for g in range(G):
-            self.cross[g] += (r[:, g].T @ rh[:, g]).double()
             self.sum[g] += r[:, g].sum(0, dtype=torch.float64)
-        self.hat.add_rows(rows_hat)
 
     def add_conv_inputs(self, x, x_hat, kernel, stride, padding, dilation) -> None:
         self.hat.calls += 1

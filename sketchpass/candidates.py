@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .plan import LayerSpec
-from .sketch.fit import fit_sketch, svd_spectrum
+from .sketch.fit import DEFAULT_DAMP, _damped, fit_sketch, kron_gram, kron_right, svd_spectrum
 from .sketch.random import sketch_matrix
 
 
@@ -65,11 +65,13 @@ def weight_groups(W: torch.Tensor, groups: int) -> list[torch.Tensor]:
     return [Wm[g * co:(g + 1) * co] for g in range(groups)]
 
 
-def svd_error_curve(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None):
-    """``rank -> predicted relative error`` of the whitened-SVD form (one SVD per group)."""
+def svd_error_curve(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, weighted=None):
+    """``rank -> predicted relative error`` of the whitened-SVD form (one SVD per group).  ``weighted``
+    (optional): :func:`weighted_groups` of the layer, whose ``W_g C_g`` products are then reused."""
     tails, total = [], 0.0
     for g, Wg in enumerate(weight_groups(W, spec.groups)):
-        s2 = svd_spectrum(Wg, None if grams is None else grams[g]) ** 2
+        WC = weighted[g][2] if weighted is not None else None
+        s2 = svd_spectrum(Wg, None if grams is None else grams[g], WC=WC) ** 2
         tails.append(torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]))  # tails[i] = Σ_{j>=i} σ_j²
         total += float(s2.sum())
 
@@ -80,7 +82,7 @@ def svd_error_curve(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None
     return error
 
 
-def _weighted(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None):
+def weighted_groups(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None):
     """Per group ``(W_g, C_g, W_g C_g, tr(W_g C_g W_gᵀ))`` — shared by every sketch size of a layer."""
     out = []
     for g, Wg in enumerate(weight_groups(W, spec.groups)):
@@ -98,12 +100,56 @@ def sketch_error(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, m
     U1 = torch.from_numpy(sketch_matrix(seed, spec.name, "U1", (G, m, spec.d_out // G), k, dist))
     U2 = torch.from_numpy(sketch_matrix(seed, spec.name, "U2", (G, m, spec.d_in // G), k, dist))
     num = den = 0.0
-    for g, (Wg, C, WC, d) in enumerate(weighted or _weighted(spec, W, grams)):
+    for g, (Wg, C, WC, d) in enumerate(weighted or weighted_groups(spec, W, grams)):
         fit_init = init if (init != "calibrated" or C is not None) else "lstsq"
         _, _, e = fit_sketch(Wg, U1[g], U2[g], l, hw, fit_init, C, WC=WC, return_error=True)
         num += e
         den += d
     return num / den if den > 0 else 0.0
+
+
+def nested_sketch_errors(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, ms: list[int], l: int,
+                         seed: int, dist: str, init: str, weighted=None) -> dict[int, float] | None:
+    """Predicted relative errors of the optimal sketch fits (``"calibrated"``, or ``"lstsq"`` data-free)
+    for every size in ``ms`` at about the cost of the largest one; ``None`` where this shortcut does
+    not apply (the caller then fits size by size with :func:`sketch_error`).
+
+    The sketch streams are counter-based and row-major (:mod:`sketchpass.sketch.random`), so for one
+    group the ``m``-row sketch is the first ``m`` rows of the ``M``-row one times ``sqrt(k_M/k_m)``,
+    and the optimal error is invariant to that scale.  Hence with ``B = U2 ⊗ I_hw`` of the largest
+    size, ``K = B C Bᵀ`` and its Cholesky factor are computed once (the factor of a leading block is
+    the leading block of the factor), ``W C Bᵀ`` once, and ``P = Q_m Q_mᵀ`` from one QR of ``U1ᵀ``.
+    Per size: ``e = tr((I-P) W C Wᵀ) - ⟨T, (I-P) W C B_mᵀ⟩`` with ``T`` from the leading block —
+    the error :func:`~sketchpass.sketch.fit.fit_sketch` returns, up to its round-off guard ``λ``."""
+    if spec.groups != 1 or not ms or not (init == "calibrated" or (init == "lstsq" and grams is None)):
+        return None
+    d_out, d_in, hw = spec.d_out, spec.d_in, spec.hw
+    if max(ms) >= d_out or max(ms) > d_in or any(m % l for m in ms):
+        return None  # P = I, or an over-complete input sketch (pseudo-inverse fits): size by size
+    Wg, C, WC, total = (weighted or weighted_groups(spec, W, grams))[0]
+    if total <= 0:
+        return None
+    M = max(ms)
+    U1 = torch.from_numpy(sketch_matrix(seed, spec.name, "U1", (1, M, d_out), M // l, dist))[0]
+    U2 = torch.from_numpy(sketch_matrix(seed, spec.name, "U2", (1, M, d_in), M // l, dist))[0]
+    WCm = Wg if C is None else WC
+    K = kron_gram(C, U2, hw)  # (M·hw)², rows ordered (sketch row, kernel position)
+    Lk, info = torch.linalg.cholesky_ex(_damped(K, DEFAULT_DAMP))
+    Q, Rq = torch.linalg.qr(U1.T)  # (d_out, M): Q[:, :m] spans the first m rows of U1
+    diag = Rq.diagonal().abs()
+    if int(info) != 0 or float(diag.min()) <= 1e-10 * float(diag.max()):
+        return None
+    WCB = kron_right(WCm, U2, hw)  # (d_out, M·hw)
+    WCW = WCm @ Wg.T  # (d_out, d_out); its trace is `total`
+    out = {}
+    for m in ms:
+        s = m * hw
+        Qm = Q[:, :m]
+        tr_r = total - float(((Qm.T @ WCW) * Qm.T).sum())  # tr((I-P) W C Wᵀ)
+        RCB = WCB[:, :s] - Qm @ (Qm.T @ WCB[:, :s])
+        T = torch.cholesky_solve(RCB.T, Lk[:s, :s]).T
+        out[m] = max(tr_r - float((T * RCB).sum()), 0.0) / total
+    return out
 
 
 def form_error(spec: LayerSpec, W: torch.Tensor, grams, method: str, size: int, *, l: int = 1, seed: int = 0,
@@ -113,20 +159,24 @@ def form_error(spec: LayerSpec, W: torch.Tensor, grams, method: str, size: int, 
     return sketch_error(spec, W, grams, size, l, seed, dist, init)
 
 
-def svd_forms(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, units, granularity: int) -> list[Form]:
-    error = svd_error_curve(spec, W, grams)
+def svd_forms(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, units, granularity: int,
+              weighted=None) -> list[Form]:
+    error = svd_error_curve(spec, W, grams, weighted)
     return [Form("svd", r, spec.form_params("svd", r), spec.form_macs("svd", r), error(r))
             for r in size_grid(max_size(spec, "svd", units), granularity)]
 
 
 def sketch_forms(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, units, granularity: int, l: int,
-                 seed: int, dist: str, init: str, max_sizes: int) -> list[Form]:
+                 seed: int, dist: str, init: str, max_sizes: int, weighted=None) -> list[Form]:
     """Sketch candidates with sizes ``m = l k``, ``k`` on the grid, on at most ``max_sizes`` sizes."""
     limit = max_size(spec, "sketch", units)
     ks = [k for k in size_grid(limit // l + 1, granularity) if k * l < limit]
     if len(ks) > max_sizes:  # evenly spread subset, always keeping the smallest and largest
         idx = sorted({round(i * (len(ks) - 1) / (max_sizes - 1)) for i in range(max_sizes)})
         ks = [ks[i] for i in idx]
-    weighted = _weighted(spec, W, grams) if ks else None
+    if ks and weighted is None:
+        weighted = weighted_groups(spec, W, grams)
+    nested = nested_sketch_errors(spec, W, grams, [k * l for k in ks], l, seed, dist, init, weighted) or {}
     return [Form("sketch", k * l, spec.form_params("sketch", k * l), spec.form_macs("sketch", k * l),
-                 sketch_error(spec, W, grams, k * l, l, seed, dist, init, weighted)) for k in ks]
+                 nested[k * l] if k * l in nested else sketch_error(spec, W, grams, k * l, l, seed, dist, init,
+                                                                    weighted)) for k in ks]

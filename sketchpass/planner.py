@@ -17,7 +17,7 @@ import torch
 
 from .budget import Budget, Candidate, InfeasibleBudgetError, solve
 from .calib import GramAccumulator
-from .candidates import Form, form_error, sketch_forms, svd_forms
+from .candidates import Form, form_error, sketch_forms, svd_forms, weighted_groups
 from .plan import Decision, LayerPlan, LayerSpec, Plan
 from .report import progress_bar
 from .sketch.random import DISTRIBUTIONS
@@ -178,11 +178,13 @@ def choose(layers: list[PlanLayer], budget: Budget, *, model_params: int, model_
                 adv(1, spec.name)
                 continue
             forms: list[Form] = []
+            # the W_g C_g products, shared by the SVD spectrum and every sketch fit of the layer
+            weighted = weighted_groups(spec, W, grams) if method == "auto" and grams is not None else None
             if method in ("auto", "svd"):
-                forms += svd_forms(spec, W, grams, units, o["granularity"])
+                forms += svd_forms(spec, W, grams, units, o["granularity"], weighted)
             if method in ("auto", "sketch"):
                 forms += sketch_forms(spec, W, grams, units, o["granularity"], o["l"], seed, o["dist"], fit_init,
-                                      sketch_sizes)
+                                      sketch_sizes, weighted)
             plans.append(LayerPlan(spec, Decision("dense", params=spec.params, macs=spec.macs), w))
             if forms:
                 free.append((len(plans) - 1, forms))

@@ -41,3 +41,57 @@ def test_gram_of_conv_input_matches_unfold():
     acc.add_conv_input(x, (3, 3), (1, 1), (1, 1), (1, 1))
     cols = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
     torch.testing.assert_close(acc.gram[0], cols.T @ cols, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_grams_accumulate_upper_blocks_and_read_back_full_and_symmetric():
+    """Wide layers (n spanning several feature blocks) accumulate only the blocks on and above the
+    diagonal; reads mirror them, further adds after a read still count, and the refit's cross Gram gets
+    the full increment while x̂ = x and the plain product after."""
+    from sketchpass.calib import BLOCK, CrossGramAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    n, G = 2 * BLOCK + 300, 2
+    X = torch.randn(200, G * n, generator=g)
+    Y = X + 0.1 * torch.randn(X.shape, generator=g)
+    ref = [X[:, i * n:(i + 1) * n].double() for i in range(G)]
+    acc = GramAccumulator(n, G)
+    acc.add_rows(X[:120])
+    first = acc.gram.clone()
+    acc.add_rows(X[120:])
+    for i in range(G):
+        torch.testing.assert_close(first[i], ref[i][:120].T @ ref[i][:120], rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(acc.gram[i], ref[i].T @ ref[i], rtol=1e-5, atol=1e-3)
+        assert torch.equal(acc.gram[i], acc.gram[i].T)
+    cross = CrossGramAccumulator(n, G)
+    cross.add_rows(X, X)
+    assert cross.identical
+    cross.add_rows(X, Y)
+    assert not cross.identical
+    for i in range(G):
+        yi = Y[:, i * n:(i + 1) * n].double()
+        torch.testing.assert_close(cross.cross[i], ref[i].T @ ref[i] + ref[i].T @ yi, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(cross.hat.gram[i], ref[i].T @ ref[i] + yi.T @ yi, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_weighted_cross_gram_equals_weight_times_cross_gram(groups):
+    """The refit keeps only W M = Σ (W x) x̂ᵀ; it must equal W times the full cross Gram, including when
+    x̂ = x for the first batches and differs after (the Gram part is folded in at the switch)."""
+    from sketchpass.calib import CrossGramAccumulator
+
+    g = torch.Generator().manual_seed(1)
+    n, co = 40, 6
+    W = torch.randn(groups * co, n, generator=g)
+    full, lean = CrossGramAccumulator(n, groups), CrossGramAccumulator(n, groups, weight=W)
+    X1, X2 = torch.randn(30, groups * n, generator=g), torch.randn(25, groups * n, generator=g)
+    X2h = X2 + 0.2 * torch.randn(X2.shape, generator=g)
+    for acc in (full, lean):
+        acc.add_rows(X1, X1)
+        acc.add_rows(X2, X2h)
+    assert lean.cross is None and not lean.identical
+    for i in range(groups):
+        Wg = W[i * co:(i + 1) * co].double()
+        torch.testing.assert_close(lean.wcross[i], Wg @ full.cross[i], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(lean.hat.gram[i], full.hat.gram[i])
+    with pytest.raises(ValueError, match="does not match"):
+        CrossGramAccumulator(n + 1, groups, weight=W)

@@ -406,3 +406,24 @@ def test_lockstep_shares_unchanged_values_without_corrupting_in_place_ops():
     assert lp.decision.method == "svd" and lp.decision.measured_error > 0
     # the layers before it were not touched: their measured errors are exactly zero
     assert all(fx_small.sketchpass_plan[n].decision.measured_error in (None, 0.0) for n in ("a", "b"))
+
+
+def test_refit_target_is_the_least_squares_solution():
+    """The refit target W' minimises ‖W' X̂ - W X‖² (shrinkage off): W' = W M Ĉ⁻¹, from the lean
+    W M accumulation; a layer whose inputs did not change gets W' = W exactly."""
+    from sketchpass.calib import CrossGramAccumulator
+    from sketchpass.fx.rewrite import _target
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(7, 12, generator=g)
+    X = torch.randn(200, 12, generator=g)
+    Xh = X + 0.3 * torch.randn(X.shape, generator=g)
+    acc = CrossGramAccumulator(12, 1, weight=W)
+    acc.add_rows(X, Xh)
+    W_t, grams = _target(W, acc, 1, 0.0)
+    ref = torch.linalg.lstsq(Xh.double(), (X.double() @ W.double().T)).solution.T
+    torch.testing.assert_close(W_t, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grams[0], Xh.double().T @ Xh.double(), rtol=1e-5, atol=1e-3)
+    same = CrossGramAccumulator(12, 1, weight=W)
+    same.add_rows(X, X)
+    assert torch.equal(_target(W, same, 1, "auto")[0], W.double())

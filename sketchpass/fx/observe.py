@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..calib import GramAccumulator, batch_size, call_model, iter_batches, slice_batch
+from ..calib import output_tensors as _tensors
 from .match import Site
 
 
@@ -37,17 +38,6 @@ class Observation:
     batches: int = 0
     model_macs: int = 0  # per sample, whole model (torch's FLOP counter / 2)
     kept: list = field(default_factory=list)  # batches kept for the sensitivity probes
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    """Floating-point tensors of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if torch.is_floating_point(out) else []
-    if isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
-    return []
 
 
 def observe(
@@ -117,6 +107,11 @@ def observe(
     return obs
 
 
+def _sq(t: torch.Tensor) -> float:
+    """``‖t‖²`` without a squared copy (any layout)."""
+    return float(torch.linalg.vector_norm(t.detach().float())) ** 2
+
+
 def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 4, seed: int = 0) -> dict[str, float]:
     """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes."""
     active = [s for s in sites if s.skip is None]
@@ -131,7 +126,7 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
         def hook(module, inputs, output):
             z = torch.zeros_like(output, requires_grad=True)
             zs.setdefault(site.name, []).append(z)
-            ysq[site.name] += float(output.detach().float().square().sum())
+            ysq[site.name] += _sq(output)
             numel[site.name] += output.numel()
             return output + z
 
@@ -142,6 +137,11 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
     fsq = 0.0
     was_training = model.training
     model.eval()
+    # only the perturbations z need gradients: with the weights frozen autograd records no weight
+    # gradients and nothing upstream of the first matched layer
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         for batch in batches:
             zs.clear()
@@ -149,10 +149,11 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
                 outs = _tensors(call_model(model, batch))
                 if not outs:
                     raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
-                fsq += sum(float(o.detach().float().square().sum()) for o in outs)
+                fsq += sum(_sq(o) for o in outs)
                 names = list(zs)
                 leaves = [z for name in names for z in zs[name]]
-                for p in range(probes):
+                outs = [o for o in outs if o.requires_grad]  # outputs no matched layer feeds have no gain
+                for p in range(probes if outs and leaves else 0):
                     v = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
                     grads = torch.autograd.grad(outs, leaves, grad_outputs=v, allow_unused=True,
                                                 retain_graph=p < probes - 1)
@@ -161,10 +162,12 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
                         for _ in zs[name]:
                             g = next(it)
                             if g is not None:
-                                gsq[name] += float(g.float().square().sum()) / probes
+                                gsq[name] += _sq(g) / probes
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(was_training)
     out = {}
     for s in active:

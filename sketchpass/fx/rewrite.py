@@ -86,12 +86,22 @@ def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: floa
     for g in range(groups):
         a = float(alphas[g])
         C_hat = shrink_centered(hat.gram[g], hat.gram[g], hat.sum[g], hat.sum[g], hat.count, a)
-        M = shrink_centered(acc.cross[g], hat.gram[g], acc.sum[g], hat.sum[g], hat.count, a)
-        Wg = Wm[g * co:(g + 1) * co]
-        L = _gram_factor(C_hat, 1e-10)  # damps harder if round-off makes Ĉ indefinite
-        targets.append(torch.cholesky_solve((Wg @ M).T, L).T)
         grams.append(C_hat)
-    return torch.cat(targets, 0), torch.stack(grams)
+        if acc.identical:  # inputs unchanged so far (M_s = Ĉ_s): the target is W itself, no solve needed
+            continue
+        Wg = Wm[g * co:(g + 1) * co]
+        if acc.wcross is not None:  # W M_s from W M: (1-α) W M + α N (W x̄ ŷᵀ + μ W), see shrink_centered
+            N = max(hat.count, 1)
+            ybar = hat.sum[g] / N
+            mu = float((torch.trace(hat.gram[g]) / N - ybar @ ybar) / hat.n)
+            WM = acc.wcross[g] * (1 - a)
+            WM.addr_(Wg @ (acc.sum[g] / N), ybar, alpha=a * N)
+            WM.add_(Wg, alpha=a * N * mu)
+        else:
+            WM = Wg @ shrink_centered(acc.cross[g], hat.gram[g], acc.sum[g], hat.sum[g], hat.count, a)
+        L = _gram_factor(C_hat, 1e-10)  # damps harder if round-off makes Ĉ indefinite
+        targets.append(torch.cholesky_solve(WM.T, L).T)
+    return (Wm if acc.identical else torch.cat(targets, 0)), torch.stack(grams)
 
 
 def _accumulate(acc: CrossGramAccumulator, mod: nn.Module, x: torch.Tensor, xh: torch.Tensor) -> None:
@@ -228,7 +238,7 @@ def _lockstep(gm, sites, decisions, batches, *, seed, dist, init, shrink, refit,
                 d = decisions[site.name]
                 if d.method != "dense" and site.name not in fitted:
                     n_feat, groups = _n_features(orig)
-                    acc = CrossGramAccumulator(n_feat, groups)
+                    acc = CrossGramAccumulator(n_feat, groups, weight=orig.weight)
                     for c in range(len(batches)):
                         x = env_o[c][node.args[0]]
                         xh = env_n[c][node.args[0]] if refit else x
@@ -328,7 +338,7 @@ def _per_layer(work, sites, decisions, batches, *, seed, dist, init, shrink, ref
         if s.skip is not None or decisions[s.name].method == "dense":
             continue
         n_feat, groups = _n_features(s.module)
-        acc = CrossGramAccumulator(n_feat, groups)
+        acc = CrossGramAccumulator(n_feat, groups, weight=s.module.weight)
         seen = False
         for b in batches:
             x = _capture_input(reference, ref_modules[s.path], b)

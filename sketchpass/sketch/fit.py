@@ -240,17 +240,19 @@ def _output_side(W: torch.Tensor, C: torch.Tensor | None) -> bool:
     return C is None or W.shape[0] <= W.shape[1]
 
 
-def svd_spectrum(W: torch.Tensor, gram: torch.Tensor | None = None, damp: float = DEFAULT_DAMP):
+def svd_spectrum(W: torch.Tensor, gram: torch.Tensor | None = None, damp: float = DEFAULT_DAMP, *,
+                 WC: torch.Tensor | None = None):
     """Singular values of ``W C^{1/2}`` (descending): the rank-r whitened fit has relative error
     ``Σ_{i>r} σ_i² / Σ σ_i²`` (Eckart–Young in the ``C``-weighted norm).  Computed from the
-    eigenvalues of ``W C Wᵀ`` when ``d_out ≤ n`` (no factorisation of the ``n × n`` Gram)."""
+    eigenvalues of ``W C Wᵀ`` when ``d_out ≤ n`` (no factorisation of the ``n × n`` Gram); ``WC``
+    (optional) is ``W @ gram``, when the caller already has it."""
     W = _f64(W)
     if gram is None:  # eigenvalues of the smaller of W Wᵀ and Wᵀ W: several times faster than svdvals
         ev = torch.linalg.eigvalsh(W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
         return torch.flip(ev.clamp_min(0).sqrt(), [0])
     C = _f64(gram)
     if _output_side(W, C):
-        ev = torch.linalg.eigvalsh((W @ C) @ W.T)
+        ev = torch.linalg.eigvalsh(((W @ C) if WC is None else _f64(WC)) @ W.T)
         return torch.flip(ev.clamp_min(0).sqrt(), [0])
     return torch.linalg.svdvals(W @ _gram_factor(C, damp))
 
