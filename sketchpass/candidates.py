@@ -140,12 +140,13 @@ def nested_sketch_errors(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor |
     if int(info) != 0 or float(diag.min()) <= 1e-10 * float(diag.max()):
         return None
     WCB = kron_right(WCm, U2, hw)  # (d_out, M·hw)
-    WCW = WCm @ Wg.T  # (d_out, d_out); its trace is `total`
+    # tr(P W C Wᵀ) = Σ_{i<m} q_iᵀ W C Wᵀ q_i: a cumulative sum over the columns of Q
+    tr_p = torch.cumsum(((Q.T @ WCm) * (Q.T @ Wg)).sum(1), 0)
     out = {}
     for m in ms:
         s = m * hw
         Qm = Q[:, :m]
-        tr_r = total - float(((Qm.T @ WCW) * Qm.T).sum())  # tr((I-P) W C Wᵀ)
+        tr_r = total - float(tr_p[m - 1])  # tr((I-P) W C Wᵀ)
         RCB = WCB[:, :s] - Qm @ (Qm.T @ WCB[:, :s])
         T = torch.cholesky_solve(RCB.T, Lk[:s, :s]).T
         out[m] = max(tr_r - float((T * RCB).sum()), 0.0) / total

@@ -328,11 +328,12 @@ class LowRankLinear(nn.Sequential):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, rank: int, gram: torch.Tensor | None = None,
-                   damp: float | None = None) -> LowRankLinear:
-        """Whitened-SVD factors of ``linear`` (``gram`` = input Gram; ``None`` = plain SVD)."""
+                   damp: float | None = None, *, wc: torch.Tensor | None = None) -> LowRankLinear:
+        """Whitened-SVD factors of ``linear`` (``gram`` = input Gram; ``None`` = plain SVD; ``wc``,
+        optional: ``weight @ gram``, when the caller already has it)."""
         W = linear.weight
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, W.device, W.dtype)
-        L, R = fit_svd(W, rank, gram, **({} if damp is None else {"damp": damp}))
+        L, R = fit_svd(W, rank, gram, **({} if damp is None else {"damp": damp}), WC=wc)
         with torch.no_grad():
             layer[0].weight.copy_(R)
             layer[1].weight.copy_(L)
@@ -363,8 +364,10 @@ class _LowRankConvNd(nn.Sequential):
         return torch.bmm(L, R).reshape(second.out_channels, *first.weight.shape[1:])
 
     @classmethod
-    def from_dense(cls, conv, rank: int, gram: torch.Tensor | None = None, damp: float | None = None):
-        """Whitened-SVD factors per group (``gram`` as in :meth:`SKConv2d.from_dense`)."""
+    def from_dense(cls, conv, rank: int, gram: torch.Tensor | None = None, damp: float | None = None, *,
+                   wc: torch.Tensor | None = None):
+        """Whitened-SVD factors per group (``gram`` as in :meth:`SKConv2d.from_dense`; ``wc``, optional:
+        the per-group ``W_g @ gram_g``, ``(groups, out/groups, n)``, when the caller already has it)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"{cls.__name__}.from_dense: padding_mode={conv.padding_mode!r} is not supported")
         W, G = conv.weight, conv.groups
@@ -376,7 +379,8 @@ class _LowRankConvNd(nn.Sequential):
         kw = {} if damp is None else {"damp": damp}
         with torch.no_grad():
             for g in range(G):
-                L, R = fit_svd(Wm[g * co:(g + 1) * co], rank, None if grams is None else grams[g], **kw)
+                L, R = fit_svd(Wm[g * co:(g + 1) * co], rank, None if grams is None else grams[g], **kw,
+                               WC=None if wc is None else wc[g])
                 layer[0].weight[g * rank:(g + 1) * rank].copy_(R.reshape(rank, *W.shape[1:]))
                 layer[1].weight[g * co:(g + 1) * co].copy_(L.reshape(co, rank, *([1] * (W.dim() - 2))))
             if conv.bias is not None:

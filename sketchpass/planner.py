@@ -27,7 +27,7 @@ INIT_CHOICES = ("auto", "calibrated", "lstsq", "sketch", "random")
 OPTION_KEYS = {"l", "granularity", "init", "dist", "max_batches", "capture", "shrink", "sensitivity_samples",
                "probes", "example_inputs", "sketch_sizes", "progress"}
 OPTION_DEFAULTS = {"l": 1, "granularity": 8, "init": "auto", "dist": "rademacher", "max_batches": None,
-                   "capture": "auto", "shrink": "auto", "sensitivity_samples": 16, "probes": 2,
+                   "capture": "auto", "shrink": "auto", "sensitivity_samples": 16, "probes": 1,
                    "example_inputs": None, "sketch_sizes": None, "progress": None}
 
 

@@ -95,3 +95,35 @@ def test_weighted_cross_gram_equals_weight_times_cross_gram(groups):
         torch.testing.assert_close(lean.hat.gram[i], full.hat.gram[i])
     with pytest.raises(ValueError, match="does not match"):
         CrossGramAccumulator(n + 1, groups, weight=W)
+
+
+def test_calibration_passes_use_channels_last_only_when_the_model_allows():
+    from torch import nn
+
+    from sketchpass.calib import prefer_channels_last
+
+    class Viewer(nn.Module):  # .view() on an activation: breaks in channels-last layout
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc(y.view(y.shape[0], -1))
+
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    out = prefer_channels_last(conv, batches)
+    assert all(b.is_contiguous(memory_format=torch.channels_last) for b in out)
+    assert all(torch.equal(a, b) for a, b in zip(out, batches))  # same values, other layout
+    kept = prefer_channels_last(Viewer().eval(), batches)
+    assert all(a is b for a, b in zip(kept, batches))
+    tokens = [torch.randn(4, 5, 8)]  # no 4-D input: nothing to do
+    assert prefer_channels_last(conv, tokens) is tokens
+    nested = [{"x": batches[0], "n": torch.tensor(3)}]
+    model = nn.Module()
+    model.forward = lambda x, n: conv(x) * n
+    got = prefer_channels_last(model, nested)
+    assert got[0]["x"].is_contiguous(memory_format=torch.channels_last) and got[0]["n"] is nested[0]["n"]

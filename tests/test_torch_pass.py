@@ -420,10 +420,32 @@ def test_refit_target_is_the_least_squares_solution():
     Xh = X + 0.3 * torch.randn(X.shape, generator=g)
     acc = CrossGramAccumulator(12, 1, weight=W)
     acc.add_rows(X, Xh)
-    W_t, grams = _target(W, acc, 1, 0.0)
+    W_t, grams, wc = _target(W, acc, 1, 0.0)
     ref = torch.linalg.lstsq(Xh.double(), (X.double() @ W.double().T)).solution.T
     torch.testing.assert_close(W_t, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grams[0], Xh.double().T @ Xh.double(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(wc[0], W_t @ grams[0], rtol=1e-6, atol=1e-6)  # W'Ĉ, handed to the fits
     same = CrossGramAccumulator(12, 1, weight=W)
     same.add_rows(X, X)
     assert torch.equal(_target(W, same, 1, "auto")[0], W.double())
+
+
+def test_one_rademacher_probe_estimates_the_exact_gain():
+    """Default sensitivity (one Rademacher probe per sample) against the exact gain
+    g = ‖y‖² Σ_samples ‖J‖²_F / (D ‖f‖²) of a layer whose Jacobian to the output is known (a linear head)."""
+    from sketchpass.fx.match import find_sites
+    from sketchpass.fx.observe import sensitivity
+    from sketchpass.fx.trace import capture
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 7, bias=False)).eval()
+    x = torch.randn(256, 12)
+    cap = capture(model, "auto", example=x)
+    sites = find_sites(cap)
+    got = sensitivity(cap.model, sites, [x], seed=1)
+    with torch.no_grad():
+        y, f = model[0](x), model(x)
+        J2 = x.shape[0] * float(model[1].weight.square().sum())  # d f / d y = W2 for every sample
+        exact = float(y.square().sum()) * J2 / (y.numel() * float(f.square().sum()))
+    name = sites[0].name
+    assert abs(got[name] / exact - 1) < 0.05, (got[name], exact)

@@ -4,8 +4,11 @@ Sensitivity (how much a layer's error matters at the model's output) is measured
 small isotropic perturbation ``δ`` of layer ``i``'s output ``y_i`` with ``E‖δ‖² = ε² ‖y_i‖²``, the
 model output ``f`` moves by ``E‖J_i δ‖² = ε² ‖y_i‖² ‖J_i‖²_F / D_i`` (``D_i`` = elements of ``y_i``),
 so the gain ``g_i = ‖y_i‖² ‖J_i‖²_F / (D_i ‖f‖²)`` turns a relative layer error into a relative
-output error.  ``‖J_i‖²_F = E_v ‖J_iᵀ v‖²`` for ``v ~ N(0, I)`` (Hutchinson), so a few backward
-passes give the gains of all layers at once.  The solver minimises ``Σ_i g_i e_i``.
+output error.  ``‖J_i‖²_F = E_v ‖J_iᵀ v‖²`` for any ``v`` with ``E[v vᵀ] = I`` (Hutchinson); we draw
+Rademacher ``±1`` probes, whose estimate of ``tr(J Jᵀ)`` has variance ``2(‖JJᵀ‖²_F − Σ_k (JJᵀ)_kk²)``
+against ``2‖JJᵀ‖²_F`` for Gaussian ones (Hutchinson, 1989), so by default one backward pass over the
+kept samples (``probes=1``) gives the gains of all layers at once.  The solver minimises
+``Σ_i g_i e_i``.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def _sq(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.detach().float())) ** 2
 
 
-def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 4, seed: int = 0) -> dict[str, float]:
+def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 1, seed: int = 0) -> dict[str, float]:
     """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes."""
     active = [s for s in sites if s.skip is None]
     if not active or not batches:
@@ -154,7 +157,7 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
                 leaves = [z for name in names for z in zs[name]]
                 outs = [o for o in outs if o.requires_grad]  # outputs no matched layer feeds have no gain
                 for p in range(probes if outs and leaves else 0):
-                    v = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
+                    v = [(torch.randint(0, 2, o.shape, generator=gen) * 2 - 1).to(o.dtype).to(o.device) for o in outs]
                     grads = torch.autograd.grad(outs, leaves, grad_outputs=v, allow_unused=True,
                                                 retain_graph=p < probes - 1)
                     it = iter(grads)

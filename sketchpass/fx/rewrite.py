@@ -55,15 +55,16 @@ def _with_weight(mod: nn.Module, W: torch.Tensor) -> nn.Module:
 
 
 def build(site: Site, d: Decision, *, seed: int, dist: str, init: str, grams: torch.Tensor | None,
-          weight: torch.Tensor | None = None) -> nn.Module:
+          weight: torch.Tensor | None = None, wc: torch.Tensor | None = None) -> nn.Module:
     """The module for one decision, fitted to ``weight`` (default: the layer's own) under ``grams``
-    (``(groups, n, n)``, already shrunk; ``None`` = data-free)."""
+    (``(groups, n, n)``, already shrunk; ``None`` = data-free); ``wc`` = ``weight @ grams`` per group
+    when known (the refit has it), saving the svd fit that product."""
     mod = site.module if weight is None else _with_weight(site.module, weight)
     t = _dense_type(site.module)
     is_linear = t is nn.Linear
     gram = None if grams is None else (grams[0] if is_linear else grams)
     if d.method == "svd":
-        return _LR[t].from_dense(mod, d.rank, gram=gram)
+        return _LR[t].from_dense(mod, d.rank, gram=gram, wc=None if wc is None else (wc[0] if is_linear else wc))
     if d.method == "sketch":
         use = init
         if use == "calibrated" and gram is None:
@@ -74,7 +75,8 @@ def build(site: Site, d: Decision, *, seed: int, dist: str, init: str, grams: to
 
 
 def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: float | str):
-    """``(W', Ĉ_s)``: the refit target and the shrunk compressed-input Grams (see module docstring).
+    """``(W', Ĉ_s, W'Ĉ_s)``: the refit target, the shrunk compressed-input Grams (see module docstring)
+    and their product per group (``= W M_s``, known without a product; ``None`` when ``W' = W``).
 
     ``Ĉ_s`` and ``M_s`` are shrunk with the same intensity toward the same target
     (:func:`~sketchpass.calib.shrink_centered`), so unchanged inputs give ``W' = W``."""
@@ -82,7 +84,7 @@ def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: floa
     co = Wm.shape[0] // groups
     hat = acc.hat
     alphas = hat.alphas(alpha)
-    targets, grams = [], []
+    targets, grams, wcs = [], [], []
     for g in range(groups):
         a = float(alphas[g])
         C_hat = shrink_centered(hat.gram[g], hat.gram[g], hat.sum[g], hat.sum[g], hat.count, a)
@@ -101,7 +103,10 @@ def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: floa
             WM = Wg @ shrink_centered(acc.cross[g], hat.gram[g], acc.sum[g], hat.sum[g], hat.count, a)
         L = _gram_factor(C_hat, 1e-10)  # damps harder if round-off makes Ĉ indefinite
         targets.append(torch.cholesky_solve(WM.T, L).T)
-    return (Wm if acc.identical else torch.cat(targets, 0)), torch.stack(grams)
+        wcs.append(WM)
+    if acc.identical:
+        return Wm, torch.stack(grams), None
+    return torch.cat(targets, 0), torch.stack(grams), torch.stack(wcs)
 
 
 def _accumulate(acc: CrossGramAccumulator, mod: nn.Module, x: torch.Tensor, xh: torch.Tensor) -> None:
@@ -243,8 +248,8 @@ def _lockstep(gm, sites, decisions, batches, *, seed, dist, init, shrink, refit,
                         x = env_o[c][node.args[0]]
                         xh = env_n[c][node.args[0]] if refit else x
                         _accumulate(acc, orig, x, xh)
-                    W_t, grams = _target(orig.weight, acc, groups, shrink)
-                    new = build(site, d, seed=seed, dist=dist, init=init, grams=grams, weight=W_t)
+                    W_t, grams, wc = _target(orig.weight, acc, groups, shrink)
+                    new = build(site, d, seed=seed, dist=dist, init=init, grams=grams, weight=W_t, wc=wc)
                     set_module(gm, node.target, new)
                     fitted.add(site.name)
                     if progress:
@@ -351,8 +356,8 @@ def _per_layer(work, sites, decisions, batches, *, seed, dist, init, shrink, ref
         if not seen:
             new = build(s, d, seed=seed, dist=dist, init=init, grams=None)
         else:
-            W_t, grams = _target(s.module.weight, acc, groups, shrink)
-            new = build(s, d, seed=seed, dist=dist, init=init, grams=grams, weight=W_t)
+            W_t, grams, wc = _target(s.module.weight, acc, groups, shrink)
+            new = build(s, d, seed=seed, dist=dist, init=init, grams=grams, weight=W_t, wc=wc)
         set_module(work, s.path, new)
         if progress:
             progress(s.name)

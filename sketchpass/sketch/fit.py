@@ -258,7 +258,8 @@ def svd_spectrum(W: torch.Tensor, gram: torch.Tensor | None = None, damp: float 
 
 
 def fit_svd(
-    W: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damp: float = DEFAULT_DAMP
+    W: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damp: float = DEFAULT_DAMP, *,
+    WC: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``r`` factors ``(L, R)`` with ``W ≈ L R`` minimising ``tr((LR-W) C (LR-W)ᵀ)``.
 
@@ -266,7 +267,8 @@ def fit_svd(
     ``LR = U_r U_rᵀ W`` (Eckart–Young: the best rank-r approximation of ``W C^{1/2}`` is
     ``U_r U_rᵀ W C^{1/2}``).  ``U_r`` are the top eigenvectors of ``W C Wᵀ`` — a ``d_out × d_out``
     problem, so the ``n × n`` Gram is never factorised.  When ``d_out > n`` we use the Cholesky factor
-    ``C + λI = Lc Lcᵀ`` and the SVD of ``W Lc`` instead.  Data-free (``C = I``) we take the
+    ``C + λI = Lc Lcᵀ`` and the SVD of ``W Lc`` instead (``WC``, optional: ``W @ gram`` when the
+    caller has it).  Data-free (``C = I``) we take the
     eigenvectors of the smaller of ``W Wᵀ`` and ``Wᵀ W`` (right vectors ``V_r``, ``LR = W V_r V_rᵀ``),
     several times faster than an SVD of ``W`` for the 4096-wide layers of VGG-style nets.  Each
     component is scaled so that its columns of ``L`` and rows of ``R`` have equal norms
@@ -285,7 +287,7 @@ def fit_svd(
     if C is None:  # data-free: top left singular vectors from W Wᵀ (d_out ≤ n)
         U = torch.flip(torch.linalg.eigh(W @ W.T)[1][:, -rank:], [1])
     elif _output_side(W, C):
-        evecs = torch.linalg.eigh((W @ C) @ W.T)[1]
+        evecs = torch.linalg.eigh(((W @ C) if WC is None else _f64(WC)) @ W.T)[1]
         U = torch.flip(evecs[:, -rank:], [1])
     else:
         U = torch.linalg.svd(W @ _gram_factor(C, damp), full_matrices=False)[0][:, :rank]
