@@ -138,6 +138,7 @@ def prefer_channels_last(model: torch.nn.Module, batches: list) -> list:
     layouts, outputs within 1e-4 of their scale) keeps those on the default layout."""
     if not batches or not any(_is_image(t) for t in _leaves(batches[0])):
         return batches
+
     def cl(t):
         return t.contiguous(memory_format=torch.channels_last) if _is_image(t) else t
 
