@@ -23,7 +23,7 @@ MNIST training images, and evaluated on the 10,000 test images before and after.
 Outputs (``--out``, default ``docs``): ``finetune.json`` and ``finetune.md`` (command and table,
 generated from the run).
 
-How to run (about 8 minutes on 2 CPU cores: ~10 s per transform, ~50 s per epoch of distillation,
+How to run (about 5 minutes on 2 CPU cores: ~5 s per transform, ~50 s per epoch of distillation,
 ~5 s per evaluation; slower when other processes share the cores)::
 
     python bench/finetune.py
