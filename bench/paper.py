@@ -33,8 +33,8 @@ What it measures
    and sketch 8×), trained the same way on the first ``--mnist-train-n`` MNIST training images.
 
    Throughput on a CPU (what lets the default run train every model on 36,000 images in the time
-   budget): every model and batch is in ``channels_last`` memory format (oneDNN's fast layout; 1.5×
-   faster here), and the CNN max-pools before its ReLU (the same function: ReLU is monotone, so it
+   budget): every model and batch is in ``channels_last`` memory format (the layout oneDNN's
+   convolutions prefer), and the CNN max-pools before its ReLU (the same function: ReLU is monotone, so it
    commutes with max) so that the ReLU runs on 4× fewer elements.
 
 2. **The paper's "sketch" init: unbiasedness and variance** (no training).  For the sketched layers of
