@@ -127,10 +127,14 @@ def apply_ignore(layers: Iterable[PlanLayer], ignore) -> list[str]:
 
 
 def fit_init_of(init: str, has_calib: bool) -> str:
-    """The init used for fits: calibrated with data, lstsq without (``init="auto"``)."""
-    if init in ("auto", "calibrated"):
+    """The init whose errors size the layers: calibrated with data, lstsq without (``init="auto"``).
+
+    ``init="random"`` (training from scratch) sizes the layers the same way: the layers are built with
+    fresh factors, but how well a form of each size can represent the given weights on the given
+    data is still the best measure of the capacity that layer needs."""
+    if init in ("auto", "calibrated", "random"):
         return "calibrated" if has_calib else "lstsq"
-    return "lstsq" if init == "random" else init
+    return init
 
 
 def decision_of(spec: LayerSpec, f: Form, l: int, reason: str | None = None) -> Decision:
@@ -210,8 +214,11 @@ def choose(layers: list[PlanLayer], budget: Budget, *, model_params: int, model_
         except InfeasibleBudgetError as exc:  # add the smallest achievable value as a fraction of the model
             lows = {u: fixed[u] + sum(min(c.cost[u] for c in row) for row in cands) for u in units}
             fr = ", ".join(f"{u}={lows[u] / totals[u]:.4f}" for u in units if totals[u] and lows[u] > limits[u])
-            raise InfeasibleBudgetError(f"{exc}; as a fraction of the model the smallest achievable is {fr}"
-                                        if fr else str(exc)) from None
+            msg = f"{exc}; as a fraction of the model the smallest achievable is {fr}" if fr else str(exc)
+            if o["granularity"] > 1:
+                msg += (f" (the smallest candidate sizes are on a grid of granularity={o['granularity']}; a smaller "
+                        "granularity= adds smaller sizes)")
+            raise InfeasibleBudgetError(msg) from None
     else:
         choice = []
         for u in units:

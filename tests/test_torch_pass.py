@@ -163,8 +163,13 @@ def test_data_free_plan_says_so_and_works():
 
 def test_infeasible_budget_names_the_smallest_achievable():
     model = _model()
-    with pytest.raises(sp.InfeasibleBudgetError, match="smallest achievable is"):
+    with pytest.raises(sp.InfeasibleBudgetError, match="smallest achievable is") as info:
         sp.plan(model, sp.Budget(params=0.01), calib=_data(1))
+    # the grid of candidate sizes is named, with the option that makes it finer
+    assert "granularity=8; a smaller granularity= adds smaller sizes" in str(info.value)
+    with pytest.raises(sp.InfeasibleBudgetError) as info:
+        sp.plan(model, sp.Budget(params=0.01), calib=_data(1), granularity=1)
+    assert "granularity" not in str(info.value)
 
 
 def test_bad_options_are_rejected():

@@ -86,6 +86,28 @@ def test_transform_random_init_builds_an_untrained_sketched_architecture(data):
     assert all(type(m) is not sp.SKLinear for m in model.modules())
 
 
+def test_random_init_with_calibration_sizes_layers_like_the_calibrated_plan():
+    """``init="random"`` changes how the factors are built, not how the sizes are chosen: with data, the
+    plan's decisions are those of the calibrated plan, and the built layers are fresh."""
+    torch.manual_seed(0)
+    model = _cnn()
+    calib = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    kw = {"method": "sketch", "calib": calib, "ignore": ["0"], "granularity": 1}
+    auto = sp.plan(model, sp.Budget(params=0.3), **kw)
+    rand = sp.plan(model, sp.Budget(params=0.3), init="random", **kw)
+    sizes = [(lp.spec.name, lp.decision.method, lp.decision.k) for lp in auto.layers]
+    assert [(lp.spec.name, lp.decision.method, lp.decision.k) for lp in rand.layers] == sizes
+    assert any(m == "sketch" for _, m, _ in sizes)
+    assert [lp.decision.predicted_error for lp in rand.layers] == [lp.decision.predicted_error for lp in auto.layers]
+    fresh = sp.apply(_cnn(), rand)  # a plan made on one instance applies to a fresh one, by layer name
+    fitted = sp.apply(model, auto, calib=calib)
+    for name, mod in fresh.named_modules():
+        if isinstance(mod, (sp.SKConv2d, sp.SKLinear)):
+            other = fitted.get_submodule(name)
+            assert (mod.k, mod.l) == (other.k, other.l)
+            assert not torch.allclose(mod.materialize(), other.materialize())
+
+
 def _task(n=512, seed=0):
     """A learnable 4-class image task: which quadrant of an 8×8 image has the largest mean."""
     g = torch.Generator().manual_seed(seed)
