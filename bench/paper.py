@@ -14,12 +14,16 @@ What it measures
    and, at ``R`` = 4×, 8×, 16× fewer effective parameters in the three middle layers:
 
    * ``sketch R×`` — those layers are :class:`sketchpass.SKConv2d` / :class:`sketchpass.SKLinear`
-     (``l = 1``, ``m = k = round(d_in·d_out / (R (d_in + d_out)))`` so that ``m·hw·(d_in + d_out) ≈
-     d_in·d_out·hw / R``; variance-matched random init, DESIGN §1);
+     (``l = 1``, variance-matched random init, DESIGN §1) with **one sketch size k for all three**, the
+     k whose total ``Σ k·hw·(d_in + d_out)`` is the dense total / R (a layer whose sketch at that k
+     would not be smaller than the layer stays dense: conv2 at 4×); see :func:`sketch_forms`;
+   * ``sketch R× even`` — the same layers each R× smaller on its own, ``k = round(d_in·d_out / (R (d_in
+     + d_out)))`` (8×: conv2 k = 3, conv3 k = 5, fc1 k = 26).  The default run has it at 8× only, to
+     show what the allocation across layers costs;
    * ``low-rank R×`` — the same layers as :class:`sketchpass.LowRankConv2d` / ``LowRankLinear``
      chains (svd-chain form; PyTorch's default init with the first factor scaled by √3 so that the
      product has the dense init's variance, like the SK layers) whose rank gives each layer the sketch's
-     params;
+     params (the same allocation across layers as ``sketch R×``);
    * ``thin R×`` — the dense CNN with every width scaled by one factor, chosen so that the whole model
      has the same number of parameters as ``sketch R×``.
 
@@ -50,7 +54,7 @@ What it measures
 Outputs (``--out``, default ``docs``): ``paper.json``, ``paper.md`` (the command and the tables,
 generated) and ``paper.png`` (accuracy vs sketched-layer params ratio).
 
-How to run (about 15 minutes on 2 CPU cores with the defaults: 877 s measured, docs/paper.md)::
+How to run (about 16 minutes on 2 CPU cores with the defaults: 945 s measured, docs/paper.md)::
 
     python bench/paper.py
     python bench/paper.py --seeds 1 --train-n 5000 --skip-l-study    # quick look
@@ -84,7 +88,10 @@ from posttrain import library_revision  # noqa: E402
 BASE = (32, 64, 128, 256)  # conv1, conv2, conv3 channels; fc1 units
 SKETCHED = ("conv2", "conv3", "fc1")
 RATIOS = (4, 8, 16)
-CONFIGS = ["dense"] + [f"{kind} {r}x" for r in RATIOS for kind in ("sketch", "low-rank", "thin")]
+KINDS = ("sketch", "low-rank", "thin")
+# the default run: every kind at every ratio with the equal-k allocation, and the even allocation at 8x
+DEFAULT_CONFIGS = ["dense"] + [f"{kind} {r}x" for r in RATIOS for kind in KINDS] + ["sketch 8x even"]
+CONFIGS = DEFAULT_CONFIGS[:-1] + [f"{kind} {r}x even" for r in RATIOS for kind in KINDS]
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
 
@@ -155,20 +162,54 @@ def shapes(widths=BASE) -> dict[str, tuple[int, int, int]]:
     return {"conv2": (c1, c2, 9), "conv3": (c2, c3, 9), "fc1": (c3 * 9, f1, 1)}
 
 
-def sketch_forms(ratio: float, l: int = 1, multiple: int = 1) -> dict[str, tuple]:
-    """``m = l k`` per layer for ``ratio``× fewer weights (rounded to a multiple of ``multiple``, ≥ it)."""
-    out = {}
-    for name, (din, dout, _) in shapes().items():
-        m = din * dout / (ratio * (din + dout))
-        m = max(multiple, int(round(m / multiple)) * multiple)
-        out[name] = ("sketch", m // l, l)
-    return out
+def sketch_forms(ratio: float, l: int = 1, multiple: int = 1, alloc: str = "equal-k") -> dict[str, tuple]:
+    """Sketch sizes ``m = l k`` of the three layers for ``ratio``× fewer effective params in them in total.
+
+    ``alloc="equal-k"`` (the default): one sketch size ``m`` for every layer, the ``m`` whose total
+    ``Σ m·hw·(d_in + d_out)`` (+ biases) is closest to the dense total / ``ratio``.  A layer whose sketch
+    at that ``m`` would not have fewer weights than the layer itself stays dense (DESIGN §1: only worth
+    sketching when below the dense figure) and the others share what is left.  Every layer keeps the same
+    sketch width, so the savings come mostly from the widest layer (fc1).
+
+    ``alloc="even"``: every layer ``ratio``× smaller on its own, ``m = d_in·d_out / (ratio (d_in + d_out))``
+    (for this CNN at 8×: conv2 m = 3, conv3 m = 5, fc1 m = 26).
+
+    ``m`` is rounded to a multiple of ``multiple`` (≥ it)."""
+    shp = shapes()
+    if alloc == "even":
+        out = {}
+        for name, (din, dout, _) in shp.items():
+            m = din * dout / (ratio * (din + dout))
+            m = max(multiple, int(round(m / multiple)) * multiple)
+            out[name] = ("sketch", m // l, l)
+        return out
+    if alloc != "equal-k":
+        raise ValueError(f"unknown allocation {alloc!r} (equal-k, even)")
+    target = sum(din * dout * hw + dout for din, dout, hw in shp.values()) / ratio
+    sketched = dict(shp)
+    while True:
+        kept = sum(din * dout * hw + dout for n, (din, dout, hw) in shp.items() if n not in sketched)
+        per_m = sum(hw * (din + dout) for din, dout, hw in sketched.values())
+        bias = sum(dout for _, dout, _ in sketched.values())
+        m = max(multiple, int(round((target - kept - bias) / per_m / multiple)) * multiple)
+        too_big = [n for n, (din, dout, hw) in sketched.items() if m * hw * (din + dout) >= din * dout * hw]
+        if not too_big:
+            break
+        for n in too_big:
+            del sketched[n]
+        if not sketched:
+            raise ValueError(f"no layer can be sketched at ratio {ratio}")
+    return {n: ("sketch", m // l, l) if n in sketched else ("dense",) for n in shp}
 
 
 def lowrank_forms(sk: dict[str, tuple]) -> dict[str, tuple]:
-    """Per layer, the rank whose chain has the weight count of the sketch ``m·hw·(d_in+d_out)``."""
+    """Per layer, the rank whose chain has the weight count of the sketch ``m·hw·(d_in+d_out)`` (a layer
+    the sketch keeps dense stays dense)."""
     out = {}
     for name, (din, dout, hw) in shapes().items():
+        if sk[name][0] != "sketch":
+            out[name] = sk[name]
+            continue
         m = sk[name][1] * sk[name][2]
         out[name] = ("lowrank", max(1, round(m * hw * (din + dout) / (din * hw + dout))))
     return out
@@ -192,9 +233,9 @@ def build(config: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if config == "dense":
         return CNN(seed=seed)
-    kind, r = config.rsplit(" ", 1)
+    kind, r, *alloc = config.split(" ")
     ratio = int(r.rstrip("x"))
-    sk = sketch_forms(ratio)
+    sk = sketch_forms(ratio, alloc=alloc[0] if alloc else "equal-k")
     if kind == "sketch":
         return CNN(layers=sk, seed=seed)
     if kind == "low-rank":
@@ -352,9 +393,11 @@ def markdown(results: list[dict], var_rows: list[dict], l_rows: list[dict], meta
         f"sketches); test: the first {meta['test_n']:,} test images; models and batches in channels_last memory "
         "format",
         "- CNN: conv 1→32, conv 32→64, conv 64→128 (3×3, BN, maxpool, ReLU each), fc 1152→256, fc 256→10; "
-        "`sketch R×`: conv2, conv3, fc1 as SK layers (l = 1) with R× fewer effective params; `low-rank R×`: "
-        "the same layers as low-rank chains of equal params; `thin R×`: all widths scaled to the whole-model "
-        "params of `sketch R×`",
+        "`sketch R×`: conv2, conv3, fc1 as SK layers (l = 1) with R× fewer effective params in the three "
+        "together, one sketch size k for all of them (a layer whose sketch at that k would not be smaller "
+        "stays dense); `sketch R× even`: each of the three R× smaller on its own; `low-rank R×`: the same "
+        "layers as low-rank chains with the sketch's params layer by layer; `thin R×`: all widths scaled to "
+        "the whole-model params of `sketch R×`",
         "- `form`: conv2 conv3 fc1 (`kN` sketch k = N, `rN` rank N, `·` dense); `ratio`: dense params of "
         "those three layers / their params in this model (weights + biases)",
         "",
@@ -421,12 +464,14 @@ def plot(results: list[dict], meta: dict, path: Path) -> None:
         if dense:
             ax.axhspan(dense["mean"] - dense["std"], dense["mean"] + dense["std"], color="k", alpha=0.1)
             ax.axhline(dense["mean"], color="k", ls="--", lw=1, label=f"dense ({_pm(dense)})")
-        for kind, marker in (("sketch", "o"), ("low-rank", "s"), ("thin", "^")):
-            pts = sorted((int(r["config"].split()[-1].rstrip("x")), r["mean"], r["std"]) for r in rows
-                         if r["config"].startswith(kind + " "))
+        for kind, alloc, marker in (("sketch", "", "o"), ("low-rank", "", "s"), ("thin", "", "^"),
+                                    ("sketch", "even", "x"), ("low-rank", "even", "+"), ("thin", "even", "v")):
+            pts = sorted((int(c[1].rstrip("x")), r["mean"], r["std"]) for r in rows
+                         for c in [r["config"].split(" ")] if c[0] == kind and c[2:] == ([alloc] if alloc else []))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                            capsize=3, label=kind)
+                            capsize=3, label=kind + (f" ({alloc} ratio per layer)" if alloc else ""),
+                            ls=":" if alloc else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(RATIOS), [f"{r}×" for r in RATIOS])
         ax.set_xlabel("fewer effective params in conv2, conv3, fc1 (R)")
@@ -448,11 +493,17 @@ def verdicts(results: list[dict]) -> list[str]:
     if not (d and s and t):
         return ["not evaluated (Fashion-MNIST dense, sketch 8x and thin 8x are needed)"]
     gap = d["mean"] - s["mean"]
-    return [f"Fashion-MNIST sketch 8× within 1.0 point of dense: {'**met**' if gap <= 1.0 else '**not met**'} "
-            f"(dense {_pm(d)}, sketch 8× {_pm(s)}: sketch − dense = {-gap:+.2f} points)",
-            f"Fashion-MNIST sketch 8× not worse than thin 8× (equal params): "
-            f"{'**met**' if s['mean'] >= t['mean'] else '**not met**'} (thin 8× {_pm(t)}, "
-            f"difference {s['mean'] - t['mean']:+.2f})"]
+    out = [f"Fashion-MNIST sketch 8× within 1.0 point of dense: {'**met**' if gap <= 1.0 else '**not met**'} "
+           f"(dense {_pm(d)}, sketch 8× {_pm(s)}: sketch − dense = {-gap:+.2f} points)",
+           f"Fashion-MNIST sketch 8× not worse than thin 8× (equal params): "
+           f"{'**met**' if s['mean'] >= t['mean'] else '**not met**'} (thin 8× {_pm(t)}, "
+           f"difference {s['mean'] - t['mean']:+.2f})"]
+    e = by.get(("fashion", "sketch 8x even"))
+    if e:
+        out.append(f"For comparison, with every layer 8× smaller on its own (`sketch 8x even`, {e['form']}): "
+                   f"{_pm(e)}, sketch − dense = {e['mean'] - d['mean']:+.2f} points, "
+                   f"{'within' if d['mean'] - e['mean'] <= 1.0 else 'not within'} 1.0 point")
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -467,7 +518,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="Fashion-MNIST configurations")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"Fashion-MNIST configurations, among: {', '.join(CONFIGS)}")
     ap.add_argument("--mnist-configs", default="dense,sketch 8x",
                     help="MNIST configurations ('' to skip MNIST)")
     ap.add_argument("--var-seeds", type=int, default=24, help="sketch seeds per row of the variance table")
@@ -519,7 +571,7 @@ def main(argv=None) -> int:
             l_train = tuple(t[:args.l_train_n] for t in train)
             n_train["l_study"] = len(l_train[1])
             for lv in args.l_values:
-                forms = sketch_forms(args.l_ratio, l=lv, multiple=max(args.l_values))
+                forms = sketch_forms(args.l_ratio, l=lv, multiple=max(args.l_values), alloc="even")
                 accs, model = [], None
                 for seed in range(args.seeds):
                     torch.manual_seed(seed)
