@@ -48,8 +48,9 @@ What it measures
    ``d_out`` are channels for a conv), and the bias ``‖mean_s Ŵ − W‖/‖W‖`` against
    ``sqrt(formula / n_seeds)``, what an unbiased estimator's sample mean gives.
 
-3. **Effect of l at fixed m = l·k** (Fashion-MNIST, the sketched CNN at about 4× with every ``m`` a
-   multiple of 4, ``l`` ∈ {1, 2, 4}), trained as in 1 but on the first ``--l-train-n`` (12,000) images.
+3. **Effect of l at fixed m = l·k** (Fashion-MNIST, the sketched CNN with each layer about 4× smaller
+   on its own, the ``even`` allocation, every ``m`` a multiple of 4, ``l`` ∈ {1, 2, 4}), trained as in 1
+   but on the first ``--l-train-n`` (12,000) images.
 
 Outputs (``--out``, default ``docs``): ``paper.json``, ``paper.md`` (the command and the tables,
 generated) and ``paper.png`` (accuracy vs sketched-layer params ratio).
@@ -57,7 +58,7 @@ generated) and ``paper.png`` (accuracy vs sketched-layer params ratio).
 How to run (about 16 minutes on 2 CPU cores with the defaults: 945 s measured, docs/paper.md)::
 
     python bench/paper.py
-    python bench/paper.py --seeds 1 --train-n 5000 --skip-l-study    # quick look
+    python bench/paper.py --seeds 1 --train-n 5000 --l-values ''    # quick look, no l study
 """
 
 from __future__ import annotations
