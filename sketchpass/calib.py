@@ -93,13 +93,8 @@ def slice_batch(batch: Any, n: int) -> Any:
 
 
 def move_batch(batch: Any, device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    return batch
+    """``batch`` (a tensor, or tuples/lists/dicts of them) with every tensor moved to ``device``."""
+    return _map_tensors(batch, lambda t: t.to(device))
 
 
 def output_tensors(out) -> list[torch.Tensor]:
@@ -131,11 +126,11 @@ def prefer_channels_last(model: torch.nn.Module, batches: list) -> list:
     """The calibration batches with their 4-D float CPU tensors in channels-last layout, when the model
     gives the same outputs that way; else the batches unchanged.
 
-    oneDNN runs 2-D convs about 1.5× faster on channels-last inputs on CPU (ResNet-50, 16 images at
-    224², 2 cores: 1.69 s vs 2.56 s forward, 3.1 s vs 4.1 s forward + backward), and the layout
-    propagates from the input, so the passes over the calibration data get faster without touching
-    the model.  Models that ``.view`` activations fail in that layout; the check (2 samples, both
-    layouts, outputs within 1e-4 of their scale) keeps those on the default layout."""
+    oneDNN's CPU convolutions prefer the channels-last layout, and the layout propagates from the
+    input, so the passes over the calibration data get faster without touching the model (the
+    whole pass is timed by ``bench/timing.py``).  Models that ``.view`` activations fail in that
+    layout; the check (2 samples, both layouts, outputs within 1e-4 of their scale) keeps those on
+    the default layout."""
     if not batches or not any(_is_image(t) for t in _leaves(batches[0])):
         return batches
 
@@ -243,8 +238,7 @@ def _edges(n: int) -> list[int]:
 def sym_add(X: torch.Tensor, upper: list[torch.Tensor], full: tuple[torch.Tensor, ...] = ()) -> None:
     """Add ``XᵀX`` (float32 products) into float64 matrices: into each of ``upper`` on and above the diagonal
     blocks only (:func:`_edges`; the caller mirrors them), into each of ``full`` entirely.  Computing
-    only the upper block triangle halves the ``rows · n²`` flops of wide layers (1.8–2× faster for
-    ``n`` in the thousands, measured on 2 cores)."""
+    only the upper block triangle halves the ``rows · n²`` flops of wide layers."""
     e = _edges(X.shape[1])
     for a, b in zip(e[:-1], e[1:]):
         blk = X[:, a:b].T @ X[:, a:]  # (b-a, n-a): the block row from the diagonal on

@@ -127,3 +127,15 @@ def test_calibration_passes_use_channels_last_only_when_the_model_allows():
     model.forward = lambda x, n: conv(x) * n
     got = prefer_channels_last(model, nested)
     assert got[0]["x"].is_contiguous(memory_format=torch.channels_last) and got[0]["n"] is nested[0]["n"]
+
+
+def test_move_batch_moves_every_tensor_and_keeps_the_structure():
+    from sketchpass.calib import move_batch
+
+    batch = {"x": torch.randn(2, 3), "pair": (torch.ones(1), [torch.zeros(2, dtype=torch.int64), "tag"]), "n": 3}
+    out = move_batch(batch, "meta")
+    assert out["x"].device.type == "meta" and out["x"].shape == (2, 3)
+    assert isinstance(out["pair"], tuple) and isinstance(out["pair"][1], list)
+    assert out["pair"][0].device.type == "meta" and out["pair"][1][0].dtype == torch.int64
+    assert out["pair"][1][1] == "tag" and out["n"] == 3
+    assert batch["x"].device.type == "cpu"  # the input is not modified
