@@ -359,18 +359,24 @@ class GramAccumulator:
 
 
 def shrink_centered(M: torch.Tensor, C: torch.Tensor, sum_x: torch.Tensor, sum_y: torch.Tensor, count: int,
-                    alpha: float) -> torch.Tensor:
+                    alpha: float, left: torch.Tensor | None = None) -> torch.Tensor:
     """``(1-α) M + α N (x̄ ȳᵀ + μ I)`` with ``μ = tr(C/N - ȳȳᵀ)/n`` from the Gram ``C`` of the ``y``s.
 
     For ``M = C`` (``x = y``) this is the shrunk Gram; for the cross Gram ``M = Σ x yᵀ`` of the refit
-    it is the matching shrinkage, so that ``x = y`` gives ``M_s = C_s`` exactly."""
+    it is the matching shrinkage, so that ``x = y`` gives ``M_s = C_s`` exactly.
+
+    With ``left`` (an ``r × n`` matrix ``A``), ``M`` is given as ``A M`` and the result is ``A`` times the
+    shrunk ``M``: ``(1-α) A M + α N (A x̄ ȳᵀ + μ A)``, without ever forming the ``n × n`` ``M``."""
     N = max(count, 1)
     n = C.shape[0]
     ybar = sum_y / N
     mu = float((torch.trace(C) / N - ybar @ ybar) / n)
-    out = M * (1 - alpha)  # one n × n allocation; the rest in place (this runs on 4608² Grams)
-    out.addr_(sum_x / N, ybar, alpha=alpha * N)
-    out.diagonal().add_(alpha * N * mu)
+    out = M * (1 - alpha)  # one allocation; the rest in place (this runs on 4608² Grams)
+    out.addr_(sum_x / N if left is None else left @ (sum_x / N), ybar, alpha=alpha * N)
+    if left is None:
+        out.diagonal().add_(alpha * N * mu)
+    else:
+        out.add_(left, alpha=alpha * N * mu)
     return out
 
 

@@ -139,3 +139,20 @@ def test_move_batch_moves_every_tensor_and_keeps_the_structure():
     assert out["pair"][0].device.type == "meta" and out["pair"][1][0].dtype == torch.int64
     assert out["pair"][1][1] == "tag" and out["n"] == 3
     assert batch["x"].device.type == "cpu"  # the input is not modified
+
+
+def test_shrink_centered_with_left_factor_equals_the_product_of_the_shrunk_matrix():
+    from sketchpass.calib import shrink_centered
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(50, 6, generator=g, dtype=torch.float64)
+    A = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    M, C = X.T @ Y, Y.T @ Y
+    args = (C, X.sum(0), Y.sum(0), 50, 0.3)
+    full = shrink_centered(M, *args)
+    torch.testing.assert_close(shrink_centered(A @ M, *args, left=A), A @ full, rtol=1e-12, atol=1e-12)
+    # and the plain form: (1-α) M + α N (x̄ ȳᵀ + μ I)
+    xbar, ybar = X.mean(0), Y.mean(0)
+    mu = float(torch.trace(C / 50 - torch.outer(ybar, ybar))) / 6
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(full, 0.7 * M + 0.3 * 50 * (torch.outer(xbar, ybar) + mu * eye))

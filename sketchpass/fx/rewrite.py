@@ -92,13 +92,8 @@ def _target(W: torch.Tensor, acc: CrossGramAccumulator, groups: int, alpha: floa
         if acc.identical:  # inputs unchanged so far (M_s = Ĉ_s): the target is W itself, no solve needed
             continue
         Wg = Wm[g * co:(g + 1) * co]
-        if acc.wcross is not None:  # W M_s from W M: (1-α) W M + α N (W x̄ ŷᵀ + μ W), see shrink_centered
-            N = max(hat.count, 1)
-            ybar = hat.sum[g] / N
-            mu = float((torch.trace(hat.gram[g]) / N - ybar @ ybar) / hat.n)
-            WM = acc.wcross[g] * (1 - a)
-            WM.addr_(Wg @ (acc.sum[g] / N), ybar, alpha=a * N)
-            WM.add_(Wg, alpha=a * N * mu)
+        if acc.wcross is not None:  # W M_s straight from W M
+            WM = shrink_centered(acc.wcross[g], hat.gram[g], acc.sum[g], hat.sum[g], hat.count, a, left=Wg)
         else:
             WM = Wg @ shrink_centered(acc.cross[g], hat.gram[g], acc.sum[g], hat.sum[g], hat.count, a)
         L = _gram_factor(C_hat, 1e-10)  # damps harder if round-off makes Ĉ indefinite
