@@ -90,9 +90,11 @@ BASE = (32, 64, 128, 256)  # conv1, conv2, conv3 channels; fc1 units
 SKETCHED = ("conv2", "conv3", "fc1")
 RATIOS = (4, 8, 16)
 KINDS = ("sketch", "low-rank", "thin")
+EQUAL_K = ["dense"] + [f"{kind} {r}x" for r in RATIOS for kind in KINDS]
+EVEN = [f"{kind} {r}x even" for r in RATIOS for kind in KINDS]
+CONFIGS = EQUAL_K + EVEN
 # the default run: every kind at every ratio with the equal-k allocation, and the even allocation at 8x
-DEFAULT_CONFIGS = ["dense"] + [f"{kind} {r}x" for r in RATIOS for kind in KINDS] + ["sketch 8x even"]
-CONFIGS = DEFAULT_CONFIGS[:-1] + [f"{kind} {r}x even" for r in RATIOS for kind in KINDS]
+DEFAULT_CONFIGS = EQUAL_K + ["sketch 8x even"]
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
 
@@ -230,13 +232,18 @@ def thin_widths(target_params: int) -> tuple[tuple[int, ...], float]:
     return best[0], best[1]
 
 
+def parse_config(config: str) -> tuple[str, int, str]:
+    """``"sketch 8x even"`` → ``("sketch", 8, "even")``; the allocation defaults to ``"equal-k"``."""
+    kind, r, *alloc = config.split(" ")
+    return kind, int(r.rstrip("x")), alloc[0] if alloc else "equal-k"
+
+
 def build(config: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if config == "dense":
         return CNN(seed=seed)
-    kind, r, *alloc = config.split(" ")
-    ratio = int(r.rstrip("x"))
-    sk = sketch_forms(ratio, alloc=alloc[0] if alloc else "equal-k")
+    kind, ratio, alloc = parse_config(config)
+    sk = sketch_forms(ratio, alloc=alloc)
     if kind == "sketch":
         return CNN(layers=sk, seed=seed)
     if kind == "low-rank":
@@ -465,14 +472,15 @@ def plot(results: list[dict], meta: dict, path: Path) -> None:
         if dense:
             ax.axhspan(dense["mean"] - dense["std"], dense["mean"] + dense["std"], color="k", alpha=0.1)
             ax.axhline(dense["mean"], color="k", ls="--", lw=1, label=f"dense ({_pm(dense)})")
-        for kind, alloc, marker in (("sketch", "", "o"), ("low-rank", "", "s"), ("thin", "", "^"),
+        for kind, alloc, marker in (("sketch", "equal-k", "o"), ("low-rank", "equal-k", "s"), ("thin", "equal-k", "^"),
                                     ("sketch", "even", "x"), ("low-rank", "even", "+"), ("thin", "even", "v")):
-            pts = sorted((int(c[1].rstrip("x")), r["mean"], r["std"]) for r in rows
-                         for c in [r["config"].split(" ")] if c[0] == kind and c[2:] == ([alloc] if alloc else []))
+            pts = sorted((ratio, r["mean"], r["std"]) for r in rows if r["config"] != "dense"
+                         for k, ratio, a in [parse_config(r["config"])] if (k, a) == (kind, alloc))
             if pts:
+                even = alloc == "even"
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                            capsize=3, label=kind + (f" ({alloc} ratio per layer)" if alloc else ""),
-                            ls=":" if alloc else "-")
+                            capsize=3, label=kind + (" (even ratio per layer)" if even else ""),
+                            ls=":" if even else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(RATIOS), [f"{r}×" for r in RATIOS])
         ax.set_xlabel("fewer effective params in conv2, conv3, fc1 (R)")
