@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-The MNIST CNN of :func:`sketchpass.zoo.load_mnist_cnn` (~421k parameters, 99.05% test accuracy) is
+The MNIST CNN of :func:`sketchpass.demo.models.load_mnist_cnn` (~421k parameters, 99.05% test accuracy) is
 compressed with ``sp.transform(model, sp.Budget(params=b), calib=..., method=M)`` for every budget ``b``
 (default 0.10 and 0.05 of the whole model's parameters) and method ``M`` (default ``svd``, ``auto`` and
 ``sketch``), then fine-tuned with :func:`sketchpass.finetune` — distillation from the original model's
@@ -11,7 +11,7 @@ MNIST training images, and evaluated on the 10,000 test images before and after.
 
 * calibration: the first ``--calib-n`` (1,024) MNIST *train* images in batches of 128 (as in
   ``bench/posttrain.py``; inputs normalised with mean 0.1307, std 0.3081 by
-  :func:`sketchpass.datasets.mnist_tensors`);
+  :func:`sketchpass.demo.data.mnist_tensors`);
 * fine-tuning: batches of ``--batch`` (128) images in a random order fixed by ``--seed``, Adam at
   ``--lr`` (3e-3) with a cosine decay to 0 over the run, ``--temperature`` 4, ``train="factors"`` (only the low-rank /
   sketch factors and the biases are trained; the layers the plan kept dense stay as they are);
@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 import sketchpass as sp
-from sketchpass.datasets import mnist_tensors
-from sketchpass.zoo import load_mnist_cnn
+from sketchpass.demo.data import mnist_tensors
+from sketchpass.demo.models import load_mnist_cnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from posttrain import accuracy, forms_text, library_revision  # noqa: E402
@@ -168,7 +168,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + f"; torch {meta['torch']}, python {meta['python']}, {meta['cpu_count']} CPU(s), "
         f"{meta['torch_threads']} torch thread(s); total wall time {meta['wall_s']:.0f} s (1-minute load average "
         f"{meta['load_avg_1min'][0]:g} at the start, {meta['load_avg_1min'][1]:g} at the end)",
-        f"- model: `sketchpass.zoo.load_mnist_cnn()`, {meta['model_params']:,} params, dense test accuracy "
+        f"- model: `sketchpass.demo.models.load_mnist_cnn()`, {meta['model_params']:,} params, dense test accuracy "
         f"**{meta['dense_accuracy']:.2f}%**",
         f"- transform: `sp.transform(model, sp.Budget(params=b), calib=..., method=M)`, calibration = first "
         f"{meta['calib_samples']:,} MNIST train images; where the default size grid (multiples of 8) cannot meet "

@@ -1,9 +1,9 @@
 """The ONNX pass's done-when numbers (issue 4), measured in one run.
 
-1. **MNIST CNN in ONNX Runtime.**  :func:`sketchpass.zoo.load_mnist_cnn` exported with
+1. **MNIST CNN in ONNX Runtime.**  :func:`sketchpass.demo.models.load_mnist_cnn` exported with
    ``torch.onnx.export(dynamo=False)`` (dynamic batch), compressed by ``sketchpass.onnx.transform`` at
    ``Budget(params=0.25)`` (``method="auto"``) with the first 1,024 MNIST train images as calibration
-   (batches of 128; inputs normalised with mean 0.1307, std 0.3081 by :func:`sketchpass.datasets.mnist_tensors`),
+   (batches of 128; inputs normalised with mean 0.1307, std 0.3081 by :func:`sketchpass.demo.data.mnist_tensors`),
    then evaluated on the 10,000 test images in ONNX Runtime (CPU).  The emitted model is checked
    with ``onnx.checker.check_model(full_check=True)``.
 2. **U storage and file size.**  The same model planned with ``method="sketch"`` (so that the
@@ -41,8 +41,8 @@ import torch
 
 import sketchpass as sp
 import sketchpass.onnx as spx
-from sketchpass.datasets import mnist_tensors
-from sketchpass.zoo import load_mnist_cnn
+from sketchpass.demo.data import mnist_tensors
+from sketchpass.demo.models import load_mnist_cnn
 
 
 def export(model) -> onnx.ModelProto:

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sketchpass as sp
-from sketchpass.datasets import load_fashion_mnist, mnist_tensors
+from sketchpass.demo.data import load_fashion_mnist, mnist_tensors
 from sketchpass.sketch.fit import expected_sketch_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-The small MNIST CNN of :func:`sketchpass.zoo.load_mnist_cnn` (~421k parameters, ~99% test accuracy) is
+The small MNIST CNN of :func:`sketchpass.demo.models.load_mnist_cnn` (~421k parameters, ~99% test accuracy) is
 compressed to several parameter budgets (``Budget(params=b)``, fraction of the whole model) and every
 compressed model is evaluated on the full 10,000-image MNIST test set, with no training at all.
 
@@ -55,7 +55,7 @@ evaluation of the 10,000 test images; several times longer when other processes 
     python bench/posttrain.py --configs svd,auto    # fewer configurations
 
 MNIST and the pretrained CNN are fetched once into the sketchpass cache (see
-:mod:`sketchpass.datasets` and :mod:`sketchpass.zoo`).
+:mod:`sketchpass.demo.data` and :mod:`sketchpass.demo.models`).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ import torch
 from torch import nn
 
 import sketchpass as sp
-from sketchpass.datasets import mnist_tensors
-from sketchpass.zoo import load_mnist_cnn
+from sketchpass.demo.data import mnist_tensors
+from sketchpass.demo.models import load_mnist_cnn
 
 DEFAULT_BUDGETS = (0.5, 0.35, 0.25, 0.15, 0.10)
 CONFIGS = ("svd", "svd (no refit)", "svd uniform", "svd uniform (no refit)", "sketch", "auto", "sketch data-free")
@@ -344,7 +344,7 @@ def markdown(rows: list[dict], meta: dict, layer_names: list[str]) -> str:
         f"{meta['cpu_count']} CPU(s), {meta['torch_threads']} torch thread(s); total wall time "
         f"{meta['wall_s']:.0f} s (1-minute load average {meta['load_avg_1min'][0]:g} at the start, "
         f"{meta['load_avg_1min'][1]:g} at the end: timings are slower when other processes share the CPUs)",
-        f"- model: `sketchpass.zoo.load_mnist_cnn()`, {meta['model_params']:,} params, "
+        f"- model: `sketchpass.demo.models.load_mnist_cnn()`, {meta['model_params']:,} params, "
         f"dense test accuracy **{meta['dense_accuracy']:.2f}%**; no fine-tuning",
         f"- calibration: first {meta['calib_samples']:,} MNIST train images in batches of {meta['calib_batch']}; "
         f"evaluation: the {meta['test_samples']:,} MNIST test images",

@@ -10,8 +10,8 @@ import time
 import torch
 
 import sketchpass as sp
-from sketchpass.datasets import mnist_tensors
-from sketchpass.zoo import load_mnist_cnn
+from sketchpass.demo.data import mnist_tensors
+from sketchpass.demo.models import load_mnist_cnn
 
 
 def accuracy(model, x, y):

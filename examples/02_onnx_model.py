@@ -15,8 +15,8 @@ import torch
 
 import sketchpass as sp
 import sketchpass.onnx as spx
-from sketchpass.datasets import mnist_tensors
-from sketchpass.zoo import load_mnist_cnn
+from sketchpass.demo.data import mnist_tensors
+from sketchpass.demo.models import load_mnist_cnn
 
 
 def accuracy(path, x, y):

@@ -224,9 +224,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     import sketchpass as sp
 
-    from .datasets import mnist_tensors
+    from .demo.data import mnist_tensors
+    from .demo.models import load_mnist_cnn
     from .report import progress_bar
-    from .zoo import load_mnist_cnn
 
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]

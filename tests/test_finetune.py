@@ -270,8 +270,8 @@ def test_cuda_device():
 
 @pytest.mark.assets
 def test_distillation_wins_back_accuracy_on_the_mnist_cnn():
-    from sketchpass.datasets import mnist_tensors
-    from sketchpass.zoo import load_mnist_cnn
+    from sketchpass.demo.data import mnist_tensors
+    from sketchpass.demo.models import load_mnist_cnn
 
     model = load_mnist_cnn()
     x, _ = mnist_tensors("train", n=6144)

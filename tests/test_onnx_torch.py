@@ -90,8 +90,8 @@ def test_onnx_plan_names_match_torch_and_data_free():
 
 @pytest.mark.assets
 def test_mnist_cnn_onnx_keeps_accuracy():
-    from sketchpass.datasets import mnist_tensors
-    from sketchpass.zoo import load_mnist_cnn
+    from sketchpass.demo.data import mnist_tensors
+    from sketchpass.demo.models import load_mnist_cnn
 
     model = load_mnist_cnn().eval()
     m = export(model, torch.zeros(1, 1, 28, 28))

