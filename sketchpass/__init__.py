@@ -10,7 +10,8 @@ from .api import apply, plan, transform
 from .budget import Budget, InfeasibleBudgetError
 from .finetune import finetune
 from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
-from .plan import Decision, LayerSpec, Plan
+from .options import Options
+from .plan import Decision, LayerSpec, Plan, SkipReason
 from .sketch.random import GENERATOR_ID
 
 __version__ = "0.1.0"
@@ -20,7 +21,9 @@ __all__ = [
     "Decision",
     "InfeasibleBudgetError",
     "LayerSpec",
+    "Options",
     "Plan",
+    "SkipReason",
     "apply",
     "finetune",
     "plan",

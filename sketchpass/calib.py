@@ -16,8 +16,6 @@ keeping the samples (``Σ_i ‖x_i x_iᵀ - S‖²_F = Σ_i ‖x_i‖⁴ - N ‖
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,145 +24,6 @@ UNFOLD_BYTES = 256 * 2**20
 MAX_POSITIONS = 64  # default cap on conv output positions per sample used for Grams
 
 
-# --------------------------------------------------------------------------- batches
-def iter_batches(calib: Any, max_batches: int | None = None) -> Iterator[Any]:
-    """Yield calibration batches from a tensor, a tuple, a dict, an iterable of those, or a DataLoader.
-
-    A single tensor / tuple / dict is one batch.  DataLoader items that are ``(inputs, labels)``
-    pairs are *not* unpacked automatically — pass ``(x for x, _ in loader)`` for that.
-    """
-    if calib is None:
-        return
-    if isinstance(calib, (torch.Tensor, dict)):
-        yield calib
-        return
-    if isinstance(calib, tuple) and all(isinstance(t, torch.Tensor) for t in calib):
-        yield calib
-        return
-    if not isinstance(calib, Iterable):
-        raise TypeError(f"calib must be a tensor, a tuple or dict of tensors, or an iterable of those "
-                        f"(e.g. a DataLoader); got {type(calib).__name__}")
-    for i, batch in enumerate(calib):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
-def call_model(model: torch.nn.Module, batch: Any):
-    """Run ``model`` on one calibration batch: tensor → ``model(x)``, tuple/list → ``model(*b)``,
-    dict → ``model(**b)`` (e.g. tokenizer output)."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return model(**dict(batch))
-    raise TypeError(f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of keyword "
-                    f"arguments; got {type(batch).__name__}")
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch (leading dim of its first tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if hasattr(batch, "values") else batch
-    for t in items:
-        if isinstance(t, torch.Tensor) and t.dim():
-            return int(t.shape[0])
-    return 1
-
-
-def slice_batch(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch (tensors whose leading dim is the batch size are sliced)."""
-    size = batch_size(batch)
-
-    def cut(t):
-        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size:
-            return t[:n]
-        return t
-
-    if isinstance(batch, torch.Tensor):
-        return cut(batch)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(cut(t) for t in batch)
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return {k: cut(v) for k, v in dict(batch).items()}
-    return batch
-
-
-def move_batch(batch: Any, device) -> Any:
-    """``batch`` (a tensor, or tuples/lists/dicts of them) with every tensor moved to ``device``."""
-    return _map_tensors(batch, lambda t: t.to(device))
-
-
-def output_tensors(out) -> list[torch.Tensor]:
-    """Floating-point tensors of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if torch.is_floating_point(out) else []
-    if isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
-        return [t for v in out.values() for t in output_tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in output_tensors(v)]
-    return []
-
-
-def _map_tensors(batch: Any, fn) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_tensors(b, fn) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _map_tensors(v, fn) for k, v in batch.items()}
-    return batch
-
-
-def _is_image(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and torch.is_floating_point(t) and t.device.type == "cpu"
-
-
-def prefer_channels_last(model: torch.nn.Module, batches: list) -> list:
-    """The calibration batches with their 4-D float CPU tensors in channels-last layout, when the model
-    gives the same outputs that way; else the batches unchanged.
-
-    oneDNN's CPU convolutions prefer the channels-last layout, and the layout propagates from the
-    input, so the passes over the calibration data get faster without touching the model (the
-    whole pass is timed by ``bench/timing.py``).  Models that ``.view`` activations fail in that
-    layout; the check (2 samples, both layouts, outputs within 1e-4 of their scale) keeps those on
-    the default layout."""
-    if not batches or not any(_is_image(t) for t in _leaves(batches[0])):
-        return batches
-
-    def cl(t):
-        return t.contiguous(memory_format=torch.channels_last) if _is_image(t) else t
-
-    probe = slice_batch(batches[0], 2)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = output_tensors(call_model(model, probe))
-            out = output_tensors(call_model(model, _map_tensors(probe, cl)))
-    except Exception:  # e.g. .view() on a channels-last activation
-        return batches
-    finally:
-        model.train(was_training)
-    if len(ref) != len(out) or not ref:
-        return batches
-    for a, b in zip(ref, out):
-        scale = float(a.abs().max()) if a.numel() else 0.0
-        if a.shape != b.shape or not bool(torch.isfinite(b).all() == torch.isfinite(a).all()) or (
-                a.numel() and float((a - b).abs().max()) > 1e-4 * max(scale, 1e-12)):
-            return batches
-    return [_map_tensors(b, cl) for b in batches]
-
-
-def _leaves(batch: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    _map_tensors(batch, lambda t: out.append(t) or t)
-    return out
-
-
-# --------------------------------------------------------------------------- im2col
 def conv_rows(x: torch.Tensor, kernel, stride, padding, dilation, max_bytes: int = UNFOLD_BYTES,
               max_positions: int | None = None, seed: int = 0):
     """Yield im2col patch matrices ``(rows, C_in·prod(kernel))`` of an N-C-... input, a few samples at a
@@ -179,7 +38,7 @@ def conv_rows(x: torch.Tensor, kernel, stride, padding, dilation, max_bytes: int
         kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
         padding = padding if isinstance(padding, str) else (0, padding[0])
     if isinstance(padding, str):
-        padding = _same_padding(padding, kernel, dilation)
+        padding = same_padding(padding, kernel, dilation)
     n, c = x.shape[:2]
     n_feat = c * math.prod(kernel)
     h_out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
@@ -214,7 +73,7 @@ def _patches_at(xp: torch.Tensor, idx: torch.Tensor, kernel, stride, dilation, w
     return g.permute(0, 2, 1, 3).reshape(n * idx.numel(), -1)
 
 
-def _same_padding(mode: str, kernel, dilation):
+def same_padding(mode: str, kernel, dilation):
     if mode == "valid":
         return (0,) * len(kernel)
     pads = []

@@ -141,20 +141,20 @@ def _compress(args: argparse.Namespace) -> int:
     before = inp.stat().st_size
     model = spx.load(str(inp))
     t0 = time.perf_counter()
-    p = sp.plan(model, budget, calib=args.calib, method=args.method, seed=args.seed, ignore=args.ignore or (),
-                batch_size=args.batch_size, max_batches=args.max_batches, progress=_progress(args))
+    small = sp.transform(model, budget, calib=args.calib, method=args.method, seed=args.seed, ignore=args.ignore or (),
+                         batch_size=args.batch_size, max_batches=args.max_batches, u_storage=args.u_storage,
+                         progress=_progress(args))
     t1 = time.perf_counter()
-    small = sp.apply(model, p, calib=args.calib, u_storage=args.u_storage, batch_size=args.batch_size,
-                     max_batches=args.max_batches, progress=_progress(args))
-    t2 = time.perf_counter()
-    final = spx.plan_of(small) or p
+    final = spx.plan_of(small)
     spx.save(small, out)
     size = out.stat().st_size + sum(f.stat().st_size for f in out.parent.glob(out.name + ".data"))
     if not args.quiet:
         sys.stdout.write(final.report(width=_width()))
+    v = final.verify or {}
     summary = {"input": str(inp), "output": str(out), "budget": args.budget, "achieved": final.achieved(),
-               "bytes_before": before, "bytes_after": size, "plan_s": round(t1 - t0, 3),
-               "apply_s": round(t2 - t1, 3), "u_storage": args.u_storage, "calib": args.calib}
+               "bytes_before": before, "bytes_after": size, "pass_s": round(t1 - t0, 3), "u_storage": args.u_storage,
+               "calib": args.calib, "predicted_output_error": final.totals.get("predicted_output_error"),
+               "measured_output_error": v.get("measured"), "verify_warning": v.get("warning")}
     if report is not None:
         write_text_atomic(report, json.dumps({"format": "sketchpass.report", "summary": summary,
                                               "plan": final.to_dict()}, indent=1))
@@ -163,9 +163,13 @@ def _compress(args: argparse.Namespace) -> int:
 
         plot_plan(final, plot)
     ach = ", ".join(f"{k}={v:.4f}" for k, v in final.achieved().items())
-    err.print(f"wrote {out} ({size:,} bytes, input {before:,} bytes); achieved {ach} for budget {args.budget}; "
-              f"plan {t1 - t0:.1f} s, apply {t2 - t1:.1f} s"
-              + (f"; report {report}" if report else "") + (f"; plot {plot}" if plot else ""))
+    meas = (f"; output error measured {v['measured']:.4g} (predicted {v['predicted']:.4g})"
+            if v.get("measured") is not None else "; output error not measured")
+    err.print(f"wrote {out} ({size:,} bytes, input {before:,} bytes); achieved {ach} for budget {args.budget}"
+              f"{meas}; {t1 - t0:.1f} s" + (f"; report {report}" if report else "")
+              + (f"; plot {plot}" if plot else ""))
+    if v.get("warning"):
+        print(f"sketchpass: warning: {v['warning']}", file=sys.stderr)
     return 0
 
 
@@ -183,7 +187,7 @@ def _inspect(args: argparse.Namespace) -> int:
     # everything kept dense by a catch-all override: no candidates are computed, but every layer is
     # matched, measured and, when it cannot be factored, given its reason
     p = sp.plan(model, sp.Budget(params=1.0), calib=args.calib, overrides={"*": None}, method="svd",
-                progress=_progress(args), batch_size=args.batch_size, max_batches=args.max_batches)
+                progress=_progress(args), batch_size=args.batch_size, max_batches=args.max_batches, holdout=0)
     rows = []
     for lp in p.layers:
         s, d = lp.spec, lp.decision
@@ -226,7 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo.data import mnist_tensors
     from .demo.models import load_mnist_cnn
-    from .report import progress_bar
+    from .progress import progress_bar
 
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
@@ -260,8 +264,8 @@ def _demo(args: argparse.Namespace) -> int:
     rows = []
     for b in budgets:
         t0 = time.perf_counter()
-        plan = sp.plan(model, sp.Budget(params=b), calib=calib, method=args.method, seed=args.seed, progress=show)
-        small = sp.apply(model, plan, calib=calib, progress=show)
+        small = sp.transform(model, sp.Budget(params=b), calib=calib, method=args.method, seed=args.seed, progress=show)
+        plan = small.sketchpass_plan
         secs = time.perf_counter() - t0
         acc = accuracy(small, f"params={b:g}")
         t = plan.totals
@@ -269,20 +273,24 @@ def _demo(args: argparse.Namespace) -> int:
                          for lp in plan.layers)
         rows.append({"budget": b, "accuracy": acc, "params": t["params_after"], "params_fraction": t["params_after"]
                      / t["params_before"], "macs": t["macs_after"], "macs_fraction": t["macs_after"] / t["macs_before"],
-                     "seconds": round(secs, 2), "forms": forms})
+                     "seconds": round(secs, 2), "forms": forms, "predicted_output_error": t["predicted_output_error"],
+                     "measured_output_error": (plan.verify or {}).get("measured")})
         err.print(f"params={b:g}: {acc:.2f}% in {secs:.1f} s")
     from rich.table import Table
 
     table = Table(title=f"sketchpass demo: pretrained MNIST CNN ({dense_params:,} params, {dense_acc:.2f}% on the "
                         f"10,000 test images), {args.calib_n} calibration images, method={args.method}, no fine-tuning",
                   header_style="bold")
-    for col in ("budget", "accuracy %", "Δ points", "params", "of dense", "MACs", "of dense", "time s", "layers"):
+    for col in ("budget", "accuracy %", "Δ points", "params", "of dense", "MACs", "of dense", "out. err pred / meas",
+                "time s", "layers"):
         table.add_column(col, justify="right")
     table.add_row("dense", f"{dense_acc:.2f}", "", f"{dense_params:,}", "100%",
-                  f"{plan.totals['macs_before']:,}", "100%", "", "")
+                  f"{plan.totals['macs_before']:,}", "100%", "", "", "")
     for r in rows:
+        meas = r["measured_output_error"]
         table.add_row(f"params={r['budget']:g}", f"{r['accuracy']:.2f}", f"{r['accuracy'] - dense_acc:+.2f}",
                       f"{r['params']:,}", f"{r['params_fraction']:.1%}", f"{r['macs']:,}", f"{r['macs_fraction']:.1%}",
+                      f"{r['predicted_output_error']:.4f} / {'—' if meas is None else format(meas, '.4f')}",
                       f"{r['seconds']:.1f}", r["forms"])
     _console().print(table)
     out.mkdir(parents=True, exist_ok=True)

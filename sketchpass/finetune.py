@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calib import call_model, iter_batches, move_batch
+from .batches import call_model, iter_batches, move_batch
 from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, _SKBase
-from .report import progress_bar
+from .progress import progress_bar
 
 LOSSES = ("kl", "mse")
 TRAIN_CHOICES = ("factors", "all")

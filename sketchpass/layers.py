@@ -16,6 +16,7 @@ rebuilds them from the seed.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -70,6 +71,24 @@ class _SKBase(nn.Module):
             u = sketch_tensor(self.seed, self.name, branch, shape, self.k, self.dist, dtype=dtype, device=device)
             self.register_buffer(branch, u, persistent=False)
 
+    def signs(self, branch: str) -> tuple[torch.Tensor, float, bool]:
+        """``(Σ, c, exact)`` with ``U = c·Σ``: for Rademacher sketches ``Σ`` is the exact ``±1`` matrix and
+        ``c = 1/√k``; for Gaussian ones ``Σ = U``, ``c = 1`` and ``exact`` is False."""
+        U = getattr(self, branch)
+        if self.dist == "rademacher":
+            return torch.sign(U), 1.0 / math.sqrt(self.k), True
+        return U, 1.0, False
+
+    def folded(self) -> dict:
+        """The factors the forward pass multiplies, with every scale folded into the trainable ones:
+        ``S1f = S1·c/(2l)``, ``S2f = S2·c/(2l)`` and the sketches as ``Σ1``, ``Σ2`` (exact ``±1`` for
+        Rademacher, so an exporter can store them as bits); ``signs`` says whether they are ``±1``.
+        The torch forward and the ONNX emitter both use exactly these tensors."""
+        sig1, c1, e1 = self.signs("U1")
+        sig2, c2, e2 = self.signs("U2")
+        return {"S1f": self.S1 * (c1 / (2.0 * self.l)), "S2f": self.S2 * (c2 / (2.0 * self.l)), "Sig1": sig1,
+                "Sig2": sig2, "signs": e1 and e2}
+
     def _apply(self, fn, *args, **kwargs):
         # .to()/.half()/.cuda(): regenerate the sketches in the new dtype instead of casting the old
         # ones, so a float32 -> float64 round trip still gives the exact float64 sketch.
@@ -114,9 +133,14 @@ class SKLinear(_SKBase):
     def _sketch_shapes(self):
         return {"U1": (self.m, self.out_features), "U2": (self.m, self.in_features)}
 
+    def chain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` with ``y = A (B x) + b``: ``B = [S1f ; Σ2]`` (``2m × d_in``), ``A = [Σ1ᵀ | S2f]``
+        (``d_out × 2m``), from :meth:`folded` — ``A B = (U1ᵀ S1 + S2 U2)/(2l) = Ŵ``."""
+        f = self.folded()
+        return torch.cat([f["S1f"], f["Sig2"]], dim=0), torch.cat([f["Sig1"].T, f["S2f"]], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B = torch.cat([self.S1, self.U2], dim=0)
-        A = torch.cat([self.U1.T, self.S2], dim=1) * (0.5 / self.l)
+        B, A = self.chain()
         return F.linear(F.linear(x, B), A, self.bias)
 
     def materialize(self) -> torch.Tensor:
@@ -213,16 +237,23 @@ class _SKConvNd(_SKBase):
         fn = F.conv1d if self._ndim == 1 else F.conv2d
         return fn(x, w, None, stride, padding, dilation, self.groups)
 
+    def branch_weights(self) -> dict:
+        """The four conv kernels of the two branches, from :meth:`folded`: ``S1f`` (the layer's
+        geometry, ``in → G m``), ``Sig1t`` (``1×1``, ``G m → out``: per group ``Σ1ᵀ``), ``Sig2w`` (``1×1``,
+        ``in → G m``: per group ``Σ2``) and ``S2f`` (the layer's geometry, ``G m → out``)."""
+        G, m, one = self.groups, self.m, (1,) * self._ndim
+        f = self.folded()
+        return {"S1f": f["S1f"], "S2f": f["S2f"], "signs": f["signs"],
+                "Sig1t": f["Sig1"].transpose(1, 2).reshape(self.out_channels, m, *one),
+                "Sig2w": f["Sig2"].reshape(G * m, self.in_channels // G, *one)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        G, m, n = self.groups, self.m, self._ndim
-        one = (1,) * n
-        u1t = self.U1.transpose(1, 2).reshape(self.out_channels, m, *one)  # per group U1ᵀ as 1x1 conv
-        u2 = self.U2.reshape(G * m, self.in_channels // G, *one)
-        b1 = self._conv(x, self.S1, self.stride, self.padding, self.dilation)
-        b1 = self._conv(b1, u1t, one, 0, one)
-        b2 = self._conv(x, u2, one, 0, one)  # zero padding commutes with a bias-free 1x1 map
-        b2 = self._conv(b2, self.S2, self.stride, self.padding, self.dilation)
-        y = (b1 + b2) * (0.5 / self.l)
+        one = (1,) * self._ndim
+        w = self.branch_weights()
+        b1 = self._conv(self._conv(x, w["S1f"], self.stride, self.padding, self.dilation), w["Sig1t"], one, 0, one)
+        # zero padding commutes with a bias-free 1x1 map
+        b2 = self._conv(self._conv(x, w["Sig2w"], one, 0, one), w["S2f"], self.stride, self.padding, self.dilation)
+        y = b1 + b2
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, *one)
         return y
@@ -394,3 +425,62 @@ class LowRankConv2d(_LowRankConvNd):
 
 class LowRankConv1d(_LowRankConvNd):
     _conv_cls = nn.Conv1d
+
+
+# --------------------------------------------------------------------------- the factory
+_SK = {nn.Linear: SKLinear, nn.Conv1d: SKConv1d, nn.Conv2d: SKConv2d}
+_LR = {nn.Linear: LowRankLinear, nn.Conv1d: LowRankConv1d, nn.Conv2d: LowRankConv2d}
+
+
+def dense_type(mod: nn.Module) -> type:
+    """``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``: the dense layer type ``mod`` is (or stands in for)."""
+    for t in (nn.Conv1d, nn.Conv2d, nn.Linear):
+        if isinstance(mod, t):
+            return t
+    raise TypeError(f"cannot factor a {type(mod).__name__}")
+
+
+def dense_module(weight: torch.Tensor, *, stride=1, dilation=1, groups: int = 1, padding=0,
+                 bias: torch.Tensor | None = None) -> nn.Module:
+    """An ``nn.Linear`` (2-D ``weight``) or ``nn.Conv1d``/``nn.Conv2d`` (3-/4-D, torch layout) holding
+    ``weight`` (and ``bias``) as frozen parameters, for frontends whose layers are not torch modules."""
+    if weight.dim() == 2:
+        mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        cls = nn.Conv1d if weight.dim() == 3 else nn.Conv2d
+        mod = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding, dilation,
+                  groups, bias=bias is not None, device="meta")
+    mod.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        mod.bias = nn.Parameter(bias, requires_grad=False)
+    return mod
+
+
+def with_weight(mod: nn.Module, W: torch.Tensor) -> nn.Module:
+    """A shallow stand-in of ``mod`` whose weight is ``W`` (reshaped to ``mod.weight``'s shape and dtype)."""
+    twin = copy.copy(mod)
+    twin._parameters = dict(mod._parameters)
+    twin._parameters["weight"] = nn.Parameter(W.to(mod.weight.dtype).reshape(mod.weight.shape), requires_grad=False)
+    return twin
+
+
+def factor_module(dense: nn.Module, method: str, *, rank: int | None = None, k: int | None = None, l: int = 1,
+                  name: str = "", seed: int = 0, dist: str = "rademacher", init: str = "calibrated",
+                  gram: torch.Tensor | None = None, wc: torch.Tensor | None = None) -> nn.Module:
+    """The one constructor from a dense layer and a decision to its factored module (both frontends).
+
+    ``method="svd"``: the whitened low-rank chain of ``rank``; ``"sketch"``: SK layer with ``k``, ``l``,
+    sketches keyed by ``(seed, name)``.  ``gram``: the (shrunk) input Grams ``(groups, n, n)``, ``None``
+    for data-free fits; ``wc``: ``weight @ gram`` per group when known.  ``init``: ``"calibrated"``
+    (``"lstsq"`` when ``gram`` is ``None``), ``"lstsq"``, ``"sketch"`` or ``"random"`` (fresh factors)."""
+    t = dense_type(dense)
+    linear = t is nn.Linear
+    g = None if gram is None else (gram[0] if linear and gram.dim() == 3 else gram)
+    if method == "svd":
+        return _LR[t].from_dense(dense, rank, gram=None if init == "random" else g,
+                                 wc=None if wc is None or init == "random" else (wc[0] if linear else wc))
+    if method == "sketch":
+        use = "lstsq" if init == "calibrated" and g is None else init
+        return _SK[t].from_dense(dense, k, l, init=use, seed=seed, gram=g if use == "calibrated" else None,
+                                 name=name, dist=dist)
+    raise ValueError(f"method {method!r} does not build a module (expected 'svd' or 'sketch')")

@@ -1,10 +1,10 @@
-"""Frontend-agnostic planning: layers with their weights, Grams and sensitivities in, a :class:`Plan` out.
+"""Frontend-agnostic planning: sites with their weights, Grams and sensitivities in, decisions out.
 
-Both frontends (torch.fx in :mod:`sketchpass.fx`, ONNX in :mod:`sketchpass.onnx`) find their layers,
-observe them on calibration data, and hand this module one :class:`PlanLayer` per layer.  Here the
-user's ``ignore``/``overrides`` are applied (precedence: global < op type < name glob < exact name),
-candidate forms are built with their predicted errors (:mod:`sketchpass.candidates`) and the budget
-solver (:func:`sketchpass.budget.solve`) picks one form per layer.  Nothing here imports torch.fx or onnx.
+The pipeline (:mod:`sketchpass.pipeline`) hands this module one :class:`~sketchpass.site.Site` per layer.
+Here the user's ``ignore`` / ``overrides`` are applied (one precedence: global < op type < name glob <
+exact name), candidate forms are built once with their predicted errors (:mod:`sketchpass.candidates`)
+and the budget solver (:func:`sketchpass.budget.solve`) picks one form per layer — again, cheaply, each
+time the verify loop corrects the layers' weights.  Nothing here imports torch.fx or onnx.
 """
 
 from __future__ import annotations
@@ -13,67 +13,17 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
-
 from .budget import Budget, Candidate, InfeasibleBudgetError, solve
-from .calib import GramAccumulator
 from .candidates import Form, form_error, sketch_forms, svd_forms, weighted_groups
-from .plan import Decision, LayerPlan, LayerSpec, Plan
-from .report import progress_bar
-from .sketch.random import DISTRIBUTIONS
+from .options import Options
+from .plan import Decision, LayerPlan, LayerSpec, Plan, SkipReason
+from .progress import progress_bar
+from .site import Site
 
-METHODS = ("auto", "sketch", "svd")
-INIT_CHOICES = ("auto", "calibrated", "lstsq", "sketch", "random")
-OPTION_KEYS = {"l", "granularity", "init", "dist", "max_batches", "capture", "shrink", "sensitivity_samples",
-               "probes", "example_inputs", "sketch_sizes", "progress"}
-OPTION_DEFAULTS = {"l": 1, "granularity": 8, "init": "auto", "dist": "rademacher", "max_batches": None,
-                   "capture": "auto", "shrink": "auto", "sensitivity_samples": 16, "probes": 1,
-                   "example_inputs": None, "sketch_sizes": None, "progress": None}
+OVERRIDE_KEYS = ("method", "rank", "k", "l")
 
 
-@dataclass
-class PlanLayer:
-    """One layer as a frontend sees it.
-
-    ``weight``: the dense weight in torch layout (``(d_out, d_in)`` or ``(d_out, d_in/g, *kernel)``);
-    ``gram``: its input-Gram accumulator (``None`` = data-free); ``sensitivity``: the output gain of
-    its relative error (1.0 when unmeasured); ``skip``: why it cannot be factored (``None`` = it can);
-    ``kind``: the frontend's type name (``"Linear"``, ``"Conv2d"``, ``"Gemm"``...), matched by
-    ``ignore``/``overrides`` rules as an op type."""
-
-    spec: LayerSpec
-    weight: torch.Tensor | None = None
-    gram: GramAccumulator | None = None
-    sensitivity: float = 1.0
-    skip: str | None = None
-    kind: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def check_options(method: str, seed: int, opts: dict, known: set[str] = OPTION_KEYS) -> dict:
-    """Validate ``plan`` options at the edge: unknown keys and bad values are errors."""
-    unknown = set(opts) - known
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    o = dict(OPTION_DEFAULTS)
-    o.update(opts)
-    if not isinstance(o["l"], int) or o["l"] < 1:
-        raise ValueError(f"l must be a positive int, got {o['l']!r}")
-    if not isinstance(o["granularity"], int) or o["granularity"] < 1:
-        raise ValueError(f"granularity must be a positive int, got {o['granularity']!r}")
-    if o["init"] not in INIT_CHOICES:
-        raise ValueError(f"init must be one of {INIT_CHOICES}, got {o['init']!r}")
-    if o["dist"] not in DISTRIBUTIONS:
-        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {o['dist']!r}")
-    if o["shrink"] != "auto" and not (isinstance(o["shrink"], (int, float)) and 0 <= o["shrink"] <= 1):
-        raise ValueError(f"shrink must be 'auto' or a number in [0, 1], got {o['shrink']!r}")
-    return o
-
-
+# --------------------------------------------------------------------------- rules
 def match_rule(spec: LayerSpec, pattern: str, kind: str) -> int:
     """Precedence of a rule matching this layer: 3 exact name, 2 name glob, 1 op type, 0 none."""
     if pattern == spec.name:
@@ -95,6 +45,35 @@ def resolve_override(spec: LayerSpec, kind: str, overrides: dict):
     return best
 
 
+def check_overrides(overrides) -> dict:
+    """Validate the shape of ``overrides`` at the edge (values are checked per layer later)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict {{layer name, glob or op type: size}}, got "
+                        f"{type(overrides).__name__}")
+    for pattern, value in overrides.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"overrides: keys must be non-empty strings (layer names, globs or op types), got "
+                            f"{pattern!r}")
+        if isinstance(value, dict):
+            unknown = set(value) - set(OVERRIDE_KEYS)
+            if unknown:
+                raise ValueError(f"override for {pattern!r}: unknown keys {sorted(unknown)}; known: "
+                                 f"{list(OVERRIDE_KEYS)}")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"override for {pattern!r}: expected None, an int size or a dict, got {value!r}")
+    return dict(overrides)
+
+
+def check_ignore(ignore) -> list[str]:
+    rules = [ignore] if isinstance(ignore, str) else list(ignore or ())
+    bad = [r for r in rules if not isinstance(r, str) or not r]
+    if bad:
+        raise TypeError(f"ignore must be layer names, globs or op types (strings), got {bad[0]!r}")
+    return rules
+
+
 def override_form(spec: LayerSpec, value, method: str, l: int) -> tuple[str, int]:
     """``value``: None (dense), an int (size for the plan's method; svd for 'auto'), or a dict
     ``{"method": "svd", "rank": r}`` / ``{"method": "sketch", "k": k, "l": l}``."""
@@ -103,27 +82,28 @@ def override_form(spec: LayerSpec, value, method: str, l: int) -> tuple[str, int
     if isinstance(value, int):
         return ("sketch" if method == "sketch" else "svd"), value
     if isinstance(value, dict):
-        unknown = set(value) - {"method", "rank", "k", "l"}
+        unknown = set(value) - set(OVERRIDE_KEYS)
         if unknown:
             raise ValueError(f"override for {spec.name!r}: unknown keys {sorted(unknown)}")
         m = value.get("method", "sketch" if "k" in value else "svd")
-        if m == "svd":
-            return "svd", int(value["rank"])
-        if m == "sketch":
-            return "sketch", int(value["k"]) * int(value.get("l", l))
+        try:
+            if m == "svd":
+                return "svd", int(value["rank"])
+            if m == "sketch":
+                return "sketch", int(value["k"]) * int(value.get("l", l))
+        except KeyError as exc:
+            raise ValueError(f"override for {spec.name!r}: method {m!r} needs {exc.args[0]!r}") from None
         raise ValueError(f"override for {spec.name!r}: method must be 'svd' or 'sketch', got {m!r}")
     raise TypeError(f"override for {spec.name!r}: expected None, an int size or a dict, got {type(value).__name__}")
 
 
-def apply_ignore(layers: Iterable[PlanLayer], ignore) -> list[str]:
-    """Mark layers matched by an ``ignore`` rule (name, glob or op type) as skipped; returns the rules."""
-    rules = [ignore] if isinstance(ignore, str) else list(ignore or ())
-    for pl in layers:
-        if pl.skip is None:
-            hit = next((p for p in rules if match_rule(pl.spec, p, pl.kind)), None)
+def apply_ignore(sites: Iterable[Site], rules: list[str]) -> None:
+    """Mark layers matched by an ``ignore`` rule (name, glob or op type) as kept dense."""
+    for s in sites:
+        if s.skip is None:
+            hit = next((p for p in rules if match_rule(s.spec, p, s.kind)), None)
             if hit is not None:
-                pl.skip = f"ignored by user ({hit!r})"
-    return rules
+                s.set_skip(SkipReason.IGNORED, f"ignored by user ({hit!r})")
 
 
 def fit_init_of(init: str, has_calib: bool) -> str:
@@ -137,108 +117,130 @@ def fit_init_of(init: str, has_calib: bool) -> str:
     return init
 
 
-def decision_of(spec: LayerSpec, f: Form, l: int, reason: str | None = None) -> Decision:
+def decision_of(f: Form, l: int, reason: str | None = None) -> Decision:
     if f.method == "svd":
         return Decision("svd", rank=f.size, params=f.params, macs=f.macs, predicted_error=f.error, reason=reason)
     return Decision("sketch", k=f.size // l, l=l, params=f.params, macs=f.macs, predicted_error=f.error, reason=reason)
 
 
-def choose(layers: list[PlanLayer], budget: Budget, *, model_params: int, model_macs: int, method: str, seed: int,
-           overrides: dict | None, o: dict, has_calib: bool, progress=None) -> tuple[list[LayerPlan], dict]:
-    """Candidates for every free layer and the solver's choice.  Returns the layer plans and the
-    ``plan.options`` entry.  Raises :class:`InfeasibleBudgetError` with the smallest achievable value."""
-    overrides = dict(overrides or {})
-    totals = {"params": float(model_params), "flops": float(model_macs)}
-    limits = budget.limits(totals)
-    units = tuple(limits)
-    fit_init = fit_init_of(o["init"], has_calib)
-    sketch_sizes = o["sketch_sizes"] or (4 if method == "auto" else 8)
+def dense_decision(spec: LayerSpec, skip: SkipReason, detail: str) -> Decision:
+    return Decision("dense", params=spec.params, macs=spec.macs, skip=skip, reason=detail)
 
-    plans: list[LayerPlan] = []
-    free: list[tuple[int, list[Form]]] = []
-    with progress_bar("candidates", sum(1 for pl in layers if pl.skip is None), progress) as adv:
-        for pl in layers:
-            spec = pl.spec
-            if pl.skip is not None:
-                plans.append(LayerPlan(spec, Decision("dense", reason=pl.skip, params=spec.params, macs=spec.macs,
-                                                      skipped=True), 1.0))
+
+# --------------------------------------------------------------------------- candidates
+@dataclass
+class Choices:
+    """One layer's options: a fixed decision (skipped, overridden) or factored forms for the solver."""
+
+    spec: LayerSpec
+    fixed: Decision | None = None
+    forms: list[Form] = field(default_factory=list)
+
+
+def candidates(sites: list[Site], units: tuple[str, ...], o: Options, has_calib: bool, overrides: dict,
+               progress=None) -> list[Choices]:
+    """Every layer's fixed decision or candidate forms, with predicted errors (computed once)."""
+    fit_init = fit_init_of(o.init, has_calib)
+    sketch_sizes = o.sketch_sizes or (4 if o.method == "auto" else 8)
+    out: list[Choices] = []
+    with progress_bar("candidates", sum(1 for s in sites if s.skip is None), progress) as adv:
+        for s in sites:
+            spec = s.spec
+            if s.skip is not None:
+                out.append(Choices(spec, dense_decision(spec, s.skip, s.detail)))
                 continue
-            w = float(pl.sensitivity)
-            grams = pl.gram.shrunk(o["shrink"]) if pl.gram is not None else None
-            W = pl.weight
-            ov = resolve_override(spec, pl.kind, overrides)
+            grams = s.gram.shrunk(o.shrink) if s.gram is not None else None
+            W = s.weight
+            ov = resolve_override(spec, s.kind, overrides)
             if ov is not ...:
                 if ov is None:
-                    plans.append(LayerPlan(spec, Decision("dense", reason="kept dense by override",
-                                                          params=spec.params, macs=spec.macs), w))
+                    out.append(Choices(spec, dense_decision(spec, SkipReason.OVERRIDE, "kept dense by override")))
                 else:
-                    m, size = override_form(spec, ov, method, o["l"])
-                    if size < 1 or (m == "svd" and size > spec.max_rank()) or (m == "sketch" and size % o["l"]):
+                    m, size = override_form(spec, ov, o.method, o.l)
+                    if size < 1 or (m == "svd" and size > spec.max_rank()) or (m == "sketch" and size % o.l):
                         raise ValueError(f"override for {spec.name!r}: size {size} is not valid for {m} (rank in "
-                                         f"[1, {spec.max_rank()}]; sketch m a multiple of l={o['l']})")
-                    err = form_error(spec, W, grams, m, size, l=o["l"], seed=seed, dist=o["dist"], init=fit_init)
+                                         f"[1, {spec.max_rank()}]; sketch m a multiple of l={o.l})")
+                    err = form_error(spec, W, grams, m, size, l=o.l, seed=o.seed, dist=o.dist, init=fit_init)
                     f = Form(m, size, spec.form_params(m, size), spec.form_macs(m, size), err)
-                    plans.append(LayerPlan(spec, decision_of(spec, f, o["l"], reason="size set by override"), w))
+                    out.append(Choices(spec, decision_of(f, o.l, reason="size set by override")))
                 adv(1, spec.name)
                 continue
             forms: list[Form] = []
             # the W_g C_g products, shared by the SVD spectrum and every sketch fit of the layer
-            weighted = weighted_groups(spec, W, grams) if method == "auto" and grams is not None else None
-            if method in ("auto", "svd"):
-                forms += svd_forms(spec, W, grams, units, o["granularity"], weighted)
-            if method in ("auto", "sketch"):
-                forms += sketch_forms(spec, W, grams, units, o["granularity"], o["l"], seed, o["dist"], fit_init,
+            weighted = weighted_groups(spec, W, grams) if o.method == "auto" and grams is not None else None
+            if o.method in ("auto", "svd"):
+                forms += svd_forms(spec, W, grams, units, o.granularity, weighted)
+            if o.method in ("auto", "sketch"):
+                forms += sketch_forms(spec, W, grams, units, o.granularity, o.l, o.seed, o.dist, fit_init,
                                       sketch_sizes, weighted)
-            plans.append(LayerPlan(spec, Decision("dense", params=spec.params, macs=spec.macs), w))
             if forms:
-                free.append((len(plans) - 1, forms))
+                out.append(Choices(spec, forms=forms))
             else:
-                plans[-1].decision.reason = "no factored form is cheaper than dense in the budget's units"
+                out.append(Choices(spec, dense_decision(spec, SkipReason.NOT_CHEAPER,
+                                                        "no factored form is cheaper than dense in the budget's "
+                                                        "units")))
             adv(1, spec.name)
+    return out
 
-    # fixed cost = everything that is not a free layer
-    free_idx = {i for i, _ in free}
-    fixed = {"params": model_params - sum(plans[i].spec.params for i in free_idx)
-             - sum(lp.spec.params - lp.decision.params for j, lp in enumerate(plans) if j not in free_idx),
-             "flops": model_macs - sum(plans[i].spec.macs for i in free_idx)
-             - sum(lp.spec.macs - lp.decision.macs for j, lp in enumerate(plans) if j not in free_idx)}
-    cands = []
-    for i, forms in free:
-        lp = plans[i]
-        row = [Candidate({"params": lp.spec.params, "flops": lp.spec.macs}, 0.0, None)]
-        row += [Candidate({"params": f.params, "flops": f.macs}, lp.sensitivity * f.error, f) for f in forms]
-        cands.append(row)
-    if cands:
+
+# --------------------------------------------------------------------------- solve
+def choose(choices: list[Choices], weights: list[float], budget: Budget, *, model_params: int, model_macs: int,
+           granularity: int, l: int) -> list[Decision]:
+    """One decision per layer minimising ``Σ weight_i · error_i`` within ``budget`` (the candidates'
+    errors weighted by the layers' output gains).  Raises :class:`InfeasibleBudgetError` with the
+    smallest achievable value."""
+    totals = {"params": float(model_params), "flops": float(model_macs)}
+    limits = budget.limits(totals)
+    units = tuple(limits)
+    free = [i for i, c in enumerate(choices) if c.fixed is None]
+    fixed = {"params": float(model_params), "flops": float(model_macs)}
+    for c in choices:  # fixed cost = the model minus what the free layers cost when dense
+        if c.fixed is None:
+            fixed["params"] -= c.spec.params
+            fixed["flops"] -= c.spec.macs
+        else:
+            fixed["params"] -= c.spec.params - c.fixed.params
+            fixed["flops"] -= c.spec.macs - c.fixed.macs
+    rows = []
+    for i in free:
+        c = choices[i]
+        row = [Candidate({"params": c.spec.params, "flops": c.spec.macs}, 0.0, None)]
+        row += [Candidate({"params": f.params, "flops": f.macs}, weights[i] * f.error, f) for f in c.forms]
+        rows.append(row)
+    if rows:
         try:
-            choice = solve(cands, limits, fixed)
+            picked = solve(rows, limits, fixed)
         except InfeasibleBudgetError as exc:  # add the smallest achievable value as a fraction of the model
-            lows = {u: fixed[u] + sum(min(c.cost[u] for c in row) for row in cands) for u in units}
+            lows = {u: fixed[u] + sum(min(c.cost[u] for c in row) for row in rows) for u in units}
             fr = ", ".join(f"{u}={lows[u] / totals[u]:.4f}" for u in units if totals[u] and lows[u] > limits[u])
             msg = f"{exc}; as a fraction of the model the smallest achievable is {fr}" if fr else str(exc)
-            if o["granularity"] > 1:
-                msg += (f" (the smallest candidate sizes are on a grid of granularity={o['granularity']}; a smaller "
+            if granularity > 1:
+                msg += (f" (the smallest candidate sizes are on a grid of granularity={granularity}; a smaller "
                         "granularity= adds smaller sizes)")
             raise InfeasibleBudgetError(msg) from None
     else:
-        choice = []
+        picked = []
         for u in units:
             if fixed[u] > limits[u] * (1 + 1e-12):
                 raise InfeasibleBudgetError(f"the {u} budget {limits[u]:,.0f} cannot be met: no layer can be "
                                             f"factored, the model stays at {fixed[u]:,.0f}")
-    for (i, _), c, row in zip(free, choice, cands):
-        f = row[c].tag
-        if f is None:
-            plans[i].decision.reason = "kept dense by the solver"
-        else:
-            plans[i].decision = decision_of(plans[i].spec, f, o["l"])
-    options = {"l": o["l"], "granularity": o["granularity"], "init": o["init"], "dist": o["dist"],
-               "shrink": o["shrink"], "fit_init": fit_init}
-    return plans, options
+    out: list[Decision] = [c.fixed for c in choices]
+    for i, j, row in zip(free, picked, rows):
+        f = row[j].tag
+        out[i] = (dense_decision(choices[i].spec, SkipReason.SOLVER, "kept dense by the solver") if f is None
+                  else decision_of(f, l))
+    return out
 
 
-def make_plan(layers: list[LayerPlan], options: dict, *, budget: Budget, method: str, seed: int, frontend: str,
-              capture: str, calib: dict | None, notes: list[str], model_params: int, model_macs: int) -> Plan:
-    p = Plan(layers=layers, budget=budget.to_dict(), method=method, seed=seed, frontend=frontend, capture=capture,
+def make_plan(choices: list[Choices], decisions: list[Decision], sites: list[Site], *, budget: Budget, o: Options,
+              frontend: str, capture: str, calib: dict | None, notes: list[str], model_params: int,
+              model_macs: int, has_calib: bool) -> Plan:
+    layers = [LayerPlan(c.spec, d, float(s.sensitivity)) for c, d, s in zip(choices, decisions, sites)]
+    options = {"l": o.l, "granularity": o.granularity, "init": o.init, "dist": o.dist, "shrink": o.shrink,
+               "fit_init": fit_init_of(o.init, has_calib), "holdout": o.holdout, "refit": o.refit,
+               "sensitivity_samples": o.sensitivity_samples, "probes": o.probes, "rounds": o.rounds,
+               "tolerance": o.tolerance}
+    p = Plan(layers=layers, budget=budget.to_dict(), method=o.method, seed=o.seed, frontend=frontend, capture=capture,
              calib=calib, notes=notes, options=options)
     p.recompute_totals(model_params, model_macs)
     return p

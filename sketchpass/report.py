@@ -1,14 +1,10 @@
-"""Human-readable output: the plan table and summary, and progress bars (rich)."""
+"""Human-readable output: the plan table and its summary (rich)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import sys
-from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
@@ -36,20 +32,60 @@ def decision_text(d) -> str:
     return "skip" if d.skipped else "dense"
 
 
+def _num(v, fmt=".4f") -> str:
+    return "" if v is None else format(v, fmt)
+
+
 def plan_table(plan) -> Table:
+    """One row per layer.  ``weight`` is the output gain the solver weighed the layer's error by (its
+    sensitivity, times the verify loop's correction when there was one); ``pred. err`` / ``meas. err``
+    the layer's relative output error predicted on the calibration Grams and measured in the compressed
+    model on the held-out batches; ``alone`` the model's output error with only this layer compressed
+    (measured when the verify loop attributed the model's error to layers)."""
+    corrected = any(lp.correction != 1.0 for lp in plan.layers)
+    alone = any(lp.measured_output_error is not None for lp in plan.layers)
     t = Table(title="sketchpass plan", show_lines=False, header_style="bold")
-    for col, just in (("layer", "left"), ("op", "left"), ("shape", "left"), ("decision", "left"),
-                      ("params", "right"), ("MACs", "right"), ("sens.", "right"), ("pred. err", "right"),
-                      ("meas. err", "right"), ("note", "left")):
+    cols = [("layer", "left"), ("op", "left"), ("shape", "left"), ("decision", "left"), ("params", "right"),
+            ("MACs", "right"), ("weight" if corrected else "sens.", "right"), ("pred. err", "right"),
+            ("meas. err", "right")]
+    if alone:
+        cols.append(("alone", "right"))
+    cols.append(("note", "left"))
+    for col, just in cols:
         t.add_column(col, justify=just, overflow="fold")
     for lp in plan.layers:
         s, d = lp.spec, lp.decision
-        t.add_row(
-            s.name, s.op, _shape(s) if s.d_in else "", decision_text(d),
-            f"{_fmt(s.params)}→{_fmt(d.params)}", f"{_fmt(s.macs)}→{_fmt(d.macs)}",
-            f"{lp.sensitivity:.3g}", f"{d.predicted_error:.4f}" if d.method != "dense" else "",
-            "" if d.measured_error is None else f"{d.measured_error:.4f}", d.reason or "")
+        row = [s.name, s.op, _shape(s) if s.d_in else "", decision_text(d), f"{_fmt(s.params)}→{_fmt(d.params)}",
+               f"{_fmt(s.macs)}→{_fmt(d.macs)}", f"{lp.weight:.3g}",
+               f"{d.predicted_error:.4f}" if d.method != "dense" else "", _num(d.measured_error)]
+        if alone:
+            row.append(_num(lp.measured_output_error))
+        row.append(d.reason or "")
+        t.add_row(*row)
     return t
+
+
+def verify_lines(plan) -> list[str]:
+    """What the verify stage measured: the output error against the prediction, each round of the loop,
+    and the warning when they do not agree."""
+    v = plan.verify
+    t = plan.totals or {}
+    pred = t.get("predicted_output_error", 0.0)
+    if not v or v.get("measured") is None:
+        why = (v or {}).get("reason", "no calibration data" if not plan.calib else "not verified")
+        return [f"output error (relative, squared): predicted {pred:.4g}; not measured ({why})"]
+    lines = [f"output error (relative, squared): predicted {v['predicted']:.4g}, measured {v['measured']:.4g} on "
+             f"{v['samples']} held-out samples ({v['batches']} batch{'es' if v['batches'] != 1 else ''}); "
+             f"measured / predicted = {v['ratio']:.3g}"]
+    rounds = v.get("rounds") or []
+    if len(rounds) > 1:
+        parts = [f"round {r['round']}: predicted {r['predicted']:.4g}, measured {r['measured']:.4g} (×{r['ratio']:.3g}"
+                 f"{', ' + str(r['changed_layers']) + ' layers changed' if r.get('changed_layers') else ''})"
+                 for r in rounds]
+        lines.append(f"verify loop (kept round {v.get('kept_round', 0)}): " + "; ".join(parts))
+    if v.get("warning"):
+        lines.append(f"WARNING: {v['warning']}")
+    return lines
 
 
 def summary_lines(plan) -> list[str]:
@@ -58,20 +94,24 @@ def summary_lines(plan) -> list[str]:
     if t:
         ach = plan.achieved()
         req = ", ".join(f"{k}={v:g}" for k, v in plan.budget.items())
-        got = ", ".join(f"{k}={v:.4f}" for k, v in ach.items())
+        got = ", ".join(f"{k}={v:.4f}" for k, v in ach.items()) or "nothing factored"
         lines.append(f"budget requested: {req}   achieved (fraction of the whole model): {got}")
         lines.append(f"params {t['params_before']:,} → {t['params_after']:,}    "
                      f"MACs/sample {t['macs_before']:,} → {t['macs_after']:,}")
-        lines.append(f"predicted relative output error (Σ sensitivity × layer error): "
-                     f"{t.get('predicted_output_error', 0.0):.4f}")
+        lines.extend(verify_lines(plan))
     counts: dict[str, int] = {}
     for lp in plan.layers:
         key = decision_text(lp.decision).split(" ")[0]
         counts[key] = counts.get(key, 0) + 1
-    lines.append("layers: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    lines.append("layers: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "none found"))
     cal = plan.calib
-    lines.append("calibration: " + ("none (data-free fits; sensitivities not measured)" if not cal else
-                                    f"{cal.get('samples', 0)} samples in {cal.get('batches', 0)} batches"))
+    if not cal:
+        lines.append("calibration: none (data-free fits; sensitivities not measured)")
+    else:
+        held = (f", {cal['holdout_samples']} held out ({cal['holdout_batches']} batch"
+                f"{'es' if cal['holdout_batches'] != 1 else ''})" if cal.get("holdout_batches") else "")
+        lines.append(f"calibration: {cal.get('samples', 0)} samples in {cal.get('batches', 0)} batches for fitting"
+                     + held)
     lines.append(f"method={plan.method} seed={plan.seed} generator={plan.generator} capture={plan.capture}")
     lines.extend(f"note: {n}" for n in plan.notes)
     return lines
@@ -84,26 +124,3 @@ def render_plan(plan, width: int | None = 140) -> str:
     for line in summary_lines(plan):
         console.print(line, highlight=False, markup=False)
     return buf.getvalue()
-
-
-def _enabled(flag: bool | None) -> bool:
-    if flag is None:
-        return sys.stderr.isatty()
-    return bool(flag)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: float | None, enabled: bool | None) -> Iterator:
-    """A rich progress bar on stderr; yields ``advance(n=1, label=None)``."""
-    if not _enabled(enabled):
-        yield lambda *a, **k: None
-        return
-    console = Console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=console, transient=True) as p:
-        task = p.add_task(description, total=total, label="")
-
-        def advance(n: float = 1, label: str | None = None):
-            p.update(task, advance=n, label=label or "")
-
-        yield advance

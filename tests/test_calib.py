@@ -100,7 +100,7 @@ def test_weighted_cross_gram_equals_weight_times_cross_gram(groups):
 def test_calibration_passes_use_channels_last_only_when_the_model_allows():
     from torch import nn
 
-    from sketchpass.calib import prefer_channels_last
+    from sketchpass.batches import prefer_channels_last
 
     class Viewer(nn.Module):  # .view() on an activation: breaks in channels-last layout
         def __init__(self):
@@ -130,7 +130,7 @@ def test_calibration_passes_use_channels_last_only_when_the_model_allows():
 
 
 def test_move_batch_moves_every_tensor_and_keeps_the_structure():
-    from sketchpass.calib import move_batch
+    from sketchpass.batches import move_batch
 
     batch = {"x": torch.randn(2, 3), "pair": (torch.ones(1), [torch.zeros(2, dtype=torch.int64), "tag"]), "n": 3}
     out = move_batch(batch, "meta")

@@ -192,32 +192,41 @@ def skip_of(m, name=None):
     return {s.name: s.skip for s in sites}
 
 
+def detail_of(m):
+    import onnx_graphsurgeon as gs
+
+    return {s.name: s.detail for s in spx.find_sites(gs.import_onnx(m), m)}
+
+
+R = sp.SkipReason
+
+
 def test_skip_runtime_weight():
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", kernel_shape=[1, 1])
     m = model_of([node], [vi("x", [1, 2, 3, 3]), vi("w", [2, 2, 1, 1])], [vi("y", [1, 2, 3, 3])])
-    assert "computed at run time" in skip_of(m)["c"]
+    assert skip_of(m)["c"] is R.RUNTIME_WEIGHT and "computed at run time" in detail_of(m)["c"]
 
 
 def test_skip_left_constant_matmul():
     node = helper.make_node("MatMul", ["W", "x"], ["y"], name="mm")
     m = model_of([node], [vi("x", [3, 4])], [vi("y", [5, 4])], [init("W", np.ones((5, 3), np.float32))])
-    assert "constant weight on the left" in skip_of(m)["mm"]
+    assert skip_of(m)["mm"] is R.LEFT_WEIGHT and "constant weight on the left" in detail_of(m)["mm"]
 
 
 def test_skip_batched_matmul_weight():
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
     m = model_of([node], [vi("x", [2, 3, 4])], [vi("y", [2, 3, 5])], [init("W", np.ones((2, 4, 5), np.float32))])
-    assert "3-D, not 2-D" in skip_of(m)["mm"]
+    assert skip_of(m)["mm"] is R.WEIGHT_RANK and "3-D, not 2-D" in detail_of(m)["mm"]
 
 
 def test_skip_conv3d():
     m, _ = conv_model(k=(1, 1, 1), shape=[1, 6, 3, 3, 3])
-    assert "3 spatial dims" in skip_of(m)["conv"]
+    assert skip_of(m)["conv"] is R.UNSUPPORTED_OP and "3 spatial dims" in detail_of(m)["conv"]
 
 
 def test_skip_depthwise():
     m, _ = conv_model(cin=4, cout=4, group=4)
-    assert "depthwise" in skip_of(m)["conv"]
+    assert skip_of(m)["conv"] is R.DEPTHWISE and "depthwise" in detail_of(m)["conv"]
 
 
 def test_skip_shared_weight():
@@ -226,7 +235,7 @@ def test_skip_shared_weight():
                                                                                        name="b")]
     m = model_of(nodes, [vi("x", [2, 4])], [vi("y", [2, 4])], [W])
     s = skip_of(m)
-    assert "shared" in s["a"] and "shared" in s["b"]
+    assert s["a"] is R.SHARED_WEIGHT and s["b"] is R.SHARED_WEIGHT and "shared" in detail_of(m)["a"]
     small = spx.transform(m, sp.Budget(params=1.0), calib=None)  # nothing to factor: the budget is met as is
     np.testing.assert_allclose(run(small, {"x": np.ones((2, 4), np.float32)})[0], 16.0)
 
@@ -241,7 +250,7 @@ def test_skip_inside_if_subgraph():
     m = model_of(nodes[::-1], [vi("x", [2, 4]), vi("c", [], TensorProto.BOOL)], [vi("y", [2, 3])],
                  [init("W2", np.ones((4, 3), np.float32))])
     s = skip_of(m)
-    assert "inside a subgraph" in s["inner"] and s["outer"] is None
+    assert s["inner"] is R.SUBGRAPH and "inside a subgraph" in detail_of(m)["inner"] and s["outer"] is None
     p = spx.plan(m, sp.Budget(params=10**12), calib=None, overrides={"outer": 2})
     small = spx.apply(m, p)
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
@@ -254,7 +263,7 @@ def test_skip_integer_weight():
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
     m = model_of([node], [vi("x", [2, 3], TensorProto.INT32)], [vi("y", [2, 4], TensorProto.INT32)],
                  [init("W", np.ones((3, 4), np.int32))])
-    assert "not floating point" in skip_of(m)["mm"]
+    assert skip_of(m)["mm"] is R.NOT_FLOAT and "not floating point" in detail_of(m)["mm"]
 
 
 def test_skip_quantized_weight():
@@ -262,7 +271,7 @@ def test_skip_quantized_weight():
              helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
     m = model_of(nodes, [vi("x", [2, 3])], [vi("y", [2, 4])],
                  [init("Wq", np.ones((3, 4), np.int8)), init("s", np.float32(0.1)), init("z", np.int8(0))])
-    assert "quantized weight" in skip_of(m)["mm"]
+    assert skip_of(m)["mm"] is R.QUANTIZED and "quantized weight" in detail_of(m)["mm"]
 
 
 def test_skip_kernel_shape_mismatch():
@@ -270,13 +279,13 @@ def test_skip_kernel_shape_mismatch():
     for a in m.graph.node[0].attribute:
         if a.name == "kernel_shape":
             a.ints[:] = [5, 5]
-    assert "does not match kernel_shape" in skip_of(m)["conv"]
+    assert skip_of(m)["conv"] is R.SHAPE_MISMATCH and "does not match kernel_shape" in detail_of(m)["conv"]
 
 
 def test_ignore_by_user():
     m, shape = conv_model()
     p = spx.plan(m, sp.Budget(params=1.0), calib=None, ignore=["conv"])
-    assert p["conv"].decision.reason.startswith("ignored by user")
+    assert p["conv"].decision.skip is R.IGNORED and p["conv"].decision.reason.startswith("ignored by user")
 
 
 # --------------------------------------------------------------------------- weights from constants
@@ -409,11 +418,11 @@ def test_calib_npz_and_dynamic_width(tmp_path):
     rng = np.random.default_rng(0)
     varying = [{"x": rng.standard_normal((2, 6, 9, w)).astype(np.float32)} for w in (8, 10, 13)]
     p = spx.plan(m, sp.Budget(params=0.7), calib=varying)
-    assert p.calib == {"samples": 6, "batches": 3}
+    assert p.calib == {"samples": 4, "batches": 2, "holdout_samples": 2, "holdout_batches": 1}
     path = tmp_path / "calib.npz"
     np.savez(path, x=rng.standard_normal((10, 6, 9, 10)).astype(np.float32))
     p2 = spx.plan(m, sp.Budget(params=0.7), calib=str(path), batch_size=4)
-    assert p2.calib == {"samples": 10, "batches": 3}
+    assert p2.calib == {"samples": 8, "batches": 2, "holdout_samples": 2, "holdout_batches": 1}
     small = spx.apply(m, p2, calib=str(path), batch_size=4)
     assert run(small, varying[2])[0].shape == run(m, varying[2])[0].shape
     with pytest.raises(ValueError, match="does not exist"):

@@ -53,16 +53,20 @@ class Net(nn.Module):
         return self.head(h.flatten(1))  # Gemm
 
 
+@pytest.mark.parametrize("refit", [True, False])
 @pytest.mark.parametrize("method", ["svd", "sketch", "auto"])
-def test_torch_plan_applies_to_onnx_export(method):
+def test_torch_plan_applies_to_onnx_export(method, refit):
+    """One plan, two frontends: the ONNX pass refits sequentially through ONNX Runtime on the inputs its
+    compressed graph produces, as the torch pass does through the fx graph, so the two compressed models
+    compute the same function (and measure the same output error on the held-out batch)."""
     torch.manual_seed(0)
     model = Net().eval()
     calib = [torch.randn(8, 3, 8, 8) for _ in range(3)]
     p = sp.plan(model, sp.Budget(params=0.5), calib=calib, method=method)
     assert sum(lp.decision.method != "dense" for lp in p.layers) >= 2
-    small_t = sp.apply(model, p, calib=calib, refit=False)  # the ONNX pass does not refit sequentially
+    small_t = sp.apply(model, p, calib=calib, refit=refit)
     m = export(model, calib[0])
-    small_o = spx.apply(m, sp.Plan.from_json(p.to_json()), calib=[{"x": c} for c in calib])
+    small_o = spx.apply(m, sp.Plan.from_json(p.to_json()), calib=[{"x": c} for c in calib], refit=refit)
     assert {s.name for s in spx.find_sites(__import__("onnx_graphsurgeon").import_onnx(m), m)} == set(p.names())
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
@@ -71,6 +75,12 @@ def test_torch_plan_applies_to_onnx_export(method):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
     stored = spx.plan_of(small_o)
     assert stored.frontend == "torch" and stored.names() == p.names()
+    mt, mo = small_t.sketchpass_plan.verify["measured"], stored.verify["measured"]
+    assert mt > 0 and mo == pytest.approx(mt, rel=1e-3)
+    for lp in stored.layers:  # per layer too
+        if lp.decision.method != "dense":
+            assert lp.decision.measured_error == pytest.approx(small_t.sketchpass_plan[lp.spec.name].decision
+                                                               .measured_error, rel=1e-3, abs=1e-9)
 
 
 def test_onnx_plan_names_match_torch_and_data_free():

@@ -129,15 +129,37 @@ def test_plan_json_replays_bit_exactly_and_model_is_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     d = json.loads(s)
-    assert d["seed"] == 3 and d["generator"] == sp.GENERATOR_ID and d["version"] == 1
+    assert d["seed"] == 3 and d["generator"] == sp.GENERATOR_ID and d["version"] == 2
     layer = d["layers"][1]
     assert {"name", "op", "d_in", "d_out"} <= set(layer["spec"]) and "predicted_error" in layer["decision"]
+    assert d["verify"]["measured"] is not None and d["totals"]["measured_output_error"] == d["verify"]["measured"]
     with pytest.raises(ValueError, match="not a sketchpass plan"):
         sp.Plan.from_json("{}")
     with pytest.raises(ValueError, match="plan version 99"):
         sp.Plan.from_json(json.dumps({**d, "version": 99}))
     with pytest.raises(ValueError, match="not valid JSON"):
         sp.Plan.from_json("{")
+
+
+def test_version_1_plans_are_read_and_replay():
+    """A plan written by sketchpass 0.1 (version 1: free-text reasons, a 'skipped' flag, no verify record)
+    reads back with typed skip reasons and applies to the model."""
+    model = _model()
+    calib = _data()
+    p = sp.plan(model, sp.Budget(params=0.3), calib=calib, method="svd", ignore=["fc2"])
+    d = json.loads(p.to_json())
+    d["version"] = 1
+    d.pop("verify")
+    for ld in d["layers"]:
+        dec = ld["decision"]
+        dec["skipped"] = dec.pop("skip") in ("depthwise", "unsupported-op")
+        ld.pop("correction")
+        ld.pop("measured_output_error")
+    old = sp.Plan.from_json(json.dumps(d))
+    assert old.version == 2 and old["fc2"].decision.skip is sp.SkipReason.IGNORED
+    assert [lp.decision.skip for lp in old.layers] == [lp.decision.skip for lp in p.layers]
+    small = sp.apply(model, old, calib=calib)
+    assert small.sketchpass_plan.achieved()["params"] <= 0.3
 
 
 def test_output_keeps_the_model_class_and_is_smaller():
@@ -312,7 +334,9 @@ def test_calibration_batches_can_be_tuples_dicts_or_a_dataloader(form):
     else:
         calib = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs), batch_size=16)
     p = sp.plan(model, sp.Budget(params=0.5), calib=calib, method="svd", granularity=2)
-    assert p.calib == {"samples": 64, "batches": 4}
+    # one batch of the four is held out to measure the output error
+    assert p.calib == {"samples": 48, "batches": 3, "holdout_samples": 16, "holdout_batches": 1}
+    assert p.verify["samples"] == 16 and p.verify["measured"] is not None
     small = sp.apply(model, p, calib=calib)
     assert small.sketchpass_plan.achieved()["params"] <= 0.5
     with torch.no_grad():
@@ -417,7 +441,7 @@ def test_refit_target_is_the_least_squares_solution():
     """The refit target W' minimises ‖W' X̂ - W X‖² (shrinkage off): W' = W M Ĉ⁻¹, from the lean
     W M accumulation; a layer whose inputs did not change gets W' = W exactly."""
     from sketchpass.calib import CrossGramAccumulator
-    from sketchpass.fx.rewrite import _target
+    from sketchpass.sketch.refit import refit_target as _target
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(7, 12, generator=g)

@@ -11,31 +11,20 @@ Checks return a *reason* when they decline; declined layers stay in the plan as 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan import LayerSpec
+from ..plan import LayerSpec, SkipReason
+from ..site import Site
 from .trace import Captured
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, torch.conv1d: 1, torch.conv2d: 2}
 _MATMUL_FNS = {operator.matmul, torch.matmul}
 _UNSUPPORTED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d, nn.LazyLinear)
-
-
-@dataclass
-class Site:
-    """One matched layer: its plan name, where its module lives in the working model, the module."""
-
-    name: str
-    path: str
-    module: nn.Module
-    spec: LayerSpec
-    skip: str | None = None
 
 
 def _tup(v, n):
@@ -51,19 +40,21 @@ def spec_of(name: str, mod: nn.Module, source: str = "module") -> LayerSpec:
                      tuple(mod.dilation), mod.groups, mod.bias is not None, source=source)
 
 
-def check(mod: nn.Module) -> str | None:
-    """Why this layer cannot be factored, or ``None``."""
+def check(mod: nn.Module) -> tuple[SkipReason, str] | None:
+    """Why this layer cannot be factored (reason and detail), or ``None``."""
     w = getattr(mod, "weight", None)
     if w is None or not torch.is_floating_point(w):
-        return "weight is missing or not floating point"
+        return SkipReason.NOT_FLOAT, "weight is missing or not floating point"
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         if mod.padding_mode != "zeros":
-            return f"padding_mode={mod.padding_mode!r} does not commute with the input-mode sketch; kept dense"
+            return (SkipReason.PADDING,
+                    f"padding_mode={mod.padding_mode!r} does not commute with the input-mode sketch; kept dense")
         if mod.groups > 1 and mod.in_channels // mod.groups == 1:
-            return f"depthwise conv (groups={mod.groups}, one input channel per group): nothing to factor"
+            return (SkipReason.DEPTHWISE,
+                    f"depthwise conv (groups={mod.groups}, one input channel per group): nothing to factor")
         if isinstance(mod.padding, str) and mod.padding == "same" and any(
                 (d * (k - 1)) % 2 for k, d in zip(mod.kernel_size, mod.dilation)):
-            return "padding='same' with an even kernel is asymmetric; not supported"
+            return SkipReason.PADDING, "padding='same' with an even kernel is asymmetric; not supported"
     return None
 
 
@@ -215,7 +206,9 @@ def _normalise_functional(cap: Captured) -> list[tuple[str, str, str]]:
 
 
 def find_sites(cap: Captured, normalise: bool = True) -> list[Site]:
-    """All matched layers of the captured model, in module order, with a skip reason where declined."""
+    """All matched layers of the captured model, in execution order (fx) or module order, with a skip
+    reason where declined.  ``site.ref`` is the module's path in the captured model, ``site.dense`` the
+    module itself."""
     functional = _normalise_functional(cap) if (cap.graph is not None and normalise) else []
     cap.functional = cap.functional or bool(functional)
     fn_paths = {path: (name, source) for name, path, source in functional}
@@ -230,8 +223,9 @@ def find_sites(cap: Captured, normalise: bool = True) -> list[Site]:
         if order is not None and path not in order:
             continue
         if isinstance(mod, _UNSUPPORTED):
-            sites.append(Site(path, path, mod, LayerSpec(path, type(mod).__name__, 0, 0),
-                              f"{type(mod).__name__} is not supported; kept as is"))
+            sites.append(Site(path, LayerSpec(path, type(mod).__name__, 0, 0), type(mod).__name__, ref=path,
+                              skip=SkipReason.UNSUPPORTED_OP,
+                              detail=f"{type(mod).__name__} is not supported; kept as is"))
             continue
         if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
@@ -239,13 +233,19 @@ def find_sites(cap: Captured, normalise: bool = True) -> list[Site]:
         spec = spec_of(name, mod, source)
         reason = check(mod)
         if reason is None and path in mha:
-            reason = "used inside nn.MultiheadAttention through its .weight (not callable as a module)"
+            reason = (SkipReason.ATTENTION_INTERNAL,
+                      "used inside nn.MultiheadAttention through its .weight (not callable as a module)")
         if reason is None:
             held = uses.get(id(mod.weight), [])
             if len(held) > 1:
                 others = sorted({u for u in held if u != f"{path}.weight"}) or [f"{path}.weight"]
-                reason = f"weight is shared with {', '.join(others[:3])} (tied weights); kept dense"
-        sites.append(Site(name, path, mod, spec, reason))
+                reason = (SkipReason.SHARED_WEIGHT,
+                          f"weight is shared with {', '.join(others[:3])} (tied weights); kept dense")
+        site = Site(name, spec, type(mod).__name__, weight=getattr(mod, "weight", None), dense=mod,
+                    bias=getattr(mod, "bias", None), ref=path)
+        if reason is not None:
+            site.set_skip(*reason)
+        sites.append(site)
     if order is not None:
-        sites.sort(key=lambda s: order[s.path])
+        sites.sort(key=lambda s: order[s.ref])
     return sites

@@ -15,99 +15,114 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..calib import GramAccumulator, batch_size, call_model, iter_batches, slice_batch
-from ..calib import output_tensors as _tensors
-from .match import Site
+from ..batches import call_model, output_tensors, slice_batch
+from ..batches import output_tensors as _tensors
+from ..calib import same_padding
+from ..site import LayerInput, Site
 
 
-@dataclass
-class SiteStats:
-    gram: GramAccumulator | None = None
-    positions_in: int = 0  # summed over calls and samples
-    positions_out: int = 0
-    calls: int = 0
+def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> LayerInput:
+    """One call's input of a matched module as a :class:`LayerInput` (conv inputs explicitly padded)."""
+    spec = site.spec
+    if spec.op == "linear":
+        rows = x.reshape(-1, spec.d_in)
+        return LayerInput(rows, x.shape[0] if x.dim() > 1 else 1, rows.shape[0], rows.shape[0])
+    n = x.shape[0]
+    pad = mod.padding
+    if isinstance(pad, str):
+        pad = same_padding(pad, mod.kernel_size, mod.dilation)
+    p_in = math.prod(x.shape[2:]) * n
+    xp = F.pad(x, [p for d in reversed(pad) for p in (d, d)]) if any(pad) else x
+    if y is not None:
+        p_out = math.prod(y.shape[2:]) * n
+    else:
+        p_out = n * math.prod((xp.shape[2 + i] - mod.dilation[i] * (mod.kernel_size[i] - 1) - 1) // mod.stride[i] + 1
+                              for i in range(len(mod.kernel_size)))
+    return LayerInput(xp, n, p_in, p_out)
 
 
-@dataclass
-class Observation:
-    stats: dict[str, SiteStats] = field(default_factory=dict)
-    samples: int = 0
-    batches: int = 0
-    model_macs: int = 0  # per sample, whole model (torch's FLOP counter / 2)
-    kept: list = field(default_factory=list)  # batches kept for the sensitivity probes
-
-
-def observe(
-    model: nn.Module,
-    sites: list[Site],
-    calib,
-    *,
-    max_batches: int | None = None,
-    grams: bool = True,
-    keep_samples: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> Observation:
-    """One pass over the calibration data with forward hooks on every active site."""
-    obs = Observation()
-    active = [s for s in sites if s.skip is None]
-
+def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site], nn.Module], batch,
+                  visit: Callable[[Site, LayerInput], None]) -> None:
+    """One forward pass of ``model`` on ``batch`` with a hook on every site's module."""
     def make_hook(site: Site):
-        st = obs.stats.setdefault(site.name, SiteStats())
-        mod, spec = site.module, site.spec
+        mod = module_of(site)
 
         def hook(module, inputs, output):
-            x = inputs[0]
-            st.calls += 1
-            if spec.op == "linear":
-                rows = x.numel() // spec.d_in
-                st.positions_in += rows
-                st.positions_out += rows
-                if grams:
-                    if st.gram is None:
-                        st.gram = GramAccumulator(spec.d_in)
-                    st.gram.add_rows(x.reshape(-1, spec.d_in))
-            else:
-                st.positions_in += math.prod(x.shape[2:]) * x.shape[0]
-                st.positions_out += math.prod(output.shape[2:]) * output.shape[0]
-                if grams:
-                    if st.gram is None:
-                        st.gram = GramAccumulator(spec.d_in // spec.groups * spec.hw, spec.groups)
-                    st.gram.add_conv_input(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+            visit(site, layer_input(site, mod, inputs[0].detach(), output))
 
         return hook
 
-    handles = []
-    was_training = model.training
-    model.eval()
+    handles = [module_of(s).register_forward_hook(make_hook(s)) for s in sites]
     try:
         with torch.no_grad():
-            for i, batch in enumerate(iter_batches(calib, max_batches)):
-                n = batch_size(batch)
-                if i == 0:  # whole-model MACs per sample, on one sample, before any hook exists
-                    with FlopCounterMode(display=False) as counter:
-                        call_model(model, slice_batch(batch, 1))
-                    obs.model_macs = int(counter.get_total_flops() // 2)
-                    handles = [s.module.register_forward_hook(make_hook(s)) for s in active]
-                call_model(model, batch)
-                obs.samples += n
-                obs.batches += 1
-                if keep_samples and sum(batch_size(b) for b in obs.kept) < keep_samples:
-                    obs.kept.append(batch)
-                if progress:
-                    progress(n)
+            call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    if obs.batches == 0 and calib is not None:
-        raise ValueError("the calibration data yielded no batches")
-    return obs
+
+
+def model_macs(model: nn.Module, batch) -> int:
+    """Whole-model MACs per sample (torch's FLOP counter / 2) on one sample of ``batch``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call_model(model, slice_batch(batch, 1))
+    return int(counter.get_total_flops() // 2)
+
+
+def _outputs(model: nn.Module, batch, hooks: dict[nn.Module, list]) -> list[torch.Tensor]:
+    handles = []
+    for mod, box in hooks.items():
+        handles.append(mod.register_forward_hook(lambda m, i, o, box=box: box.append(o.detach())))
+    try:
+        with torch.no_grad():
+            return [t.detach() for t in output_tensors(call_model(model, batch))]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts])
+
+
+def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
+            module_of: Callable[[nn.Module, Site], nn.Module]) -> tuple[list, list, dict]:
+    """Both models on ``batch``: their float outputs and every site's output in each."""
+    box_o = {s.name: [] for s in sites}
+    box_n = {s.name: [] for s in sites}
+    ref = _outputs(original, batch, {module_of(original, s): box_o[s.name] for s in sites})
+    out = _outputs(emitted, batch, {module_of(emitted, s): box_n[s.name] for s in sites})
+    layers = {}
+    for s in sites:
+        if box_o[s.name] and len(box_o[s.name]) == len(box_n[s.name]):
+            layers[s.name] = (_cat(box_o[s.name]), _cat(box_n[s.name]))
+    return ref, out, layers
+
+
+def single_layer_errors(original: nn.Module, sites: list[Site], modules: dict[str, nn.Module],
+                        module_of: Callable[[nn.Module, Site], nn.Module], batches: list) -> dict:
+    """``{site: (Σ‖f_i − f‖², Σ‖f‖²)}``: the original model with only that site's module swapped in."""
+    base = [_outputs(original, b, {}) for b in batches]
+    out = {}
+    for s in sites:
+        fitted = modules[s.name]
+        h = module_of(original, s).register_forward_hook(lambda m, i, o, f=fitted: f(i[0]))
+        num = den = 0.0
+        try:
+            for b, ref in zip(batches, base):
+                got = _outputs(original, b, {})
+                for a, c in zip(ref, got):
+                    num += float((c.double() - a.double()).square().sum())
+                    den += float(a.double().square().sum())
+        finally:
+            h.remove()
+        out[s.name] = (num, den)
+    return out
 
 
 def _sq(t: torch.Tensor) -> float:
@@ -115,7 +130,8 @@ def _sq(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.detach().float())) ** 2
 
 
-def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 1, seed: int = 0) -> dict[str, float]:
+def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 1, seed: int = 0,
+                module_of: Callable[[Site], nn.Module] | None = None) -> dict[str, float]:
     """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes."""
     active = [s for s in sites if s.skip is None]
     if not active or not batches:
@@ -135,7 +151,8 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
 
         return hook
 
-    handles = [s.module.register_forward_hook(make_hook(s)) for s in active]
+    module_of = module_of or (lambda s: s.dense)
+    handles = [module_of(s).register_forward_hook(make_hook(s)) for s in active]
     gen = torch.Generator().manual_seed(seed)
     fsq = 0.0
     was_training = model.training

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..calib import slice_batch
+from ..batches import slice_batch
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _reproduces(gm: nn.Module, model: nn.Module, example) -> str | None:
 
     fx records one path through Python control flow (``if x is None``, shape checks, ...); running it
     once against the original catches graphs that silently specialised on something else."""
-    from ..calib import call_model
+    from ..batches import call_model
 
     try:
         with torch.no_grad():

@@ -4,15 +4,17 @@
     small = spx.transform("model.onnx", sp.Budget(params=0.5), calib="calib.npz")
     spx.save(small, "small.onnx")
 
-``plan`` / ``apply`` / ``transform`` take an ``onnx.ModelProto`` or a path and share the planner, solver
-and fits of the torch pass; ``load`` / ``save`` read and write models (external data for > 2 GB,
-atomic writes, clear errors).  Importing :mod:`sketchpass` does not import this package.
+``plan`` / ``apply`` / ``transform`` are :func:`sketchpass.plan` / ``apply`` / ``transform`` for an
+``onnx.ModelProto`` or a path (the same pipeline, options and defaults as for PyTorch models, see
+:mod:`sketchpass.pipeline`); ``load`` / ``save`` read and write models (external data for > 2 GB, atomic
+writes, clear errors).  Importing :mod:`sketchpass` does not import this package.
 """
 
-from .emit import U_STORAGE
+from ..api import apply, plan, transform
+from ..options import U_STORAGE
+from .frontend import PLAN_KEY, OnnxFrontend, verify
 from .load import load, save
-from .match import REASONS, Site, find_sites
-from .pipeline import PLAN_KEY, apply, plan, transform, verify
+from .match import find_sites
 
 
 def plan_of(model):
@@ -26,5 +28,5 @@ def plan_of(model):
     return None
 
 
-__all__ = ["PLAN_KEY", "REASONS", "Site", "U_STORAGE", "apply", "find_sites", "load", "plan", "plan_of", "save",
+__all__ = ["PLAN_KEY", "OnnxFrontend", "U_STORAGE", "apply", "find_sites", "load", "plan", "plan_of", "save",
            "transform", "verify"]

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-U_STORAGE = ("float", "int8", "bits")
+from ..options import U_STORAGE  # noqa: E402
 
 _counter = itertools.count()
 
@@ -37,12 +37,15 @@ _counter = itertools.count()
 class Emitter:
     """Makes uniquely named constants and nodes in ``graph`` (names prefixed by the layer name)."""
 
-    def __init__(self, graph: gs.Graph, dtype: np.dtype, storage: str = "float"):
+    def __init__(self, graph: gs.Graph, dtype: np.dtype, storage: str = "float", names: set[str] | None = None,
+                 opset: int | None = None):
         if storage not in U_STORAGE:
             raise ValueError(f"u_storage must be one of {U_STORAGE}, got {storage!r}")
         self.graph, self.dtype, self.storage = graph, np.dtype(dtype), storage
-        self.opset = int(graph.opset or 0)
-        self.names = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+        self.opset = int(opset if opset is not None else graph.opset or 0)
+        # names already taken (shared between the emissions into one model, so that they stay unique)
+        self.names = names if names is not None else (set(graph.tensors().keys())
+                                                      | {n.name for n in graph.nodes if n.name})
 
     def unique(self, name: str) -> str:
         base, i = name, 1

@@ -12,8 +12,9 @@ Patterns, on an onnx-graphsurgeon graph:
 
 "Constant" means an initializer, a ``Constant`` node, or any subgraph that depends on neither graph
 inputs nor random ops (e.g. ``ConstantOfShape``, ``Transpose`` of an initializer): such subgraphs are
-evaluated once with ``onnx.reference``.  Every declined node gets a reason (:data:`REASONS` lists
-them), including nodes inside ``If``/``Loop``/``Scan`` subgraphs, which are never rewritten.
+evaluated once with ``onnx.reference``.  Every declined node gets a reason (a
+:class:`~sketchpass.plan.SkipReason` with a detail text), including nodes inside ``If``/``Loop``/``Scan``
+subgraphs, which are never rewritten.
 
 Layer names follow the torch module path so that a torch plan applies to the model's export: the
 weight's name when it is ``<path>.weight``, else the exporter's node scope
@@ -31,42 +32,25 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from ..plan import LayerSpec
+from ..plan import LayerSpec, SkipReason
+from ..site import Site
 
 OPS = ("Conv", "Gemm", "MatMul")
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 QUANT_OPS = {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
-# one entry per skip reason (prefixes), for the documentation and the negative tests
-REASONS = (
-    "weight is computed at run time",
-    "constant weight on the left",
-    "constant weight is",  # ... N-D, not 2-D
-    "Conv with",  # ... N spatial dims
-    "depthwise conv",
-    "weight is shared",
-    "inside a subgraph",
-    "weight is not floating point",
-    "quantized weight",
-    "weight shape does not match",
-)
 
 
 @dataclass
-class Site:
-    """One matched node.  ``weight``: torch layout (``d_out × d_in`` or ``d_out × d_in/g × *kernel``) in
-    the weight's own dtype; ``x``/``y``: the input and output tensor names; ``attrs``: Conv geometry or
-    Gemm flags."""
+class OnnxRef:
+    """Where a matched layer sits in the graph: its node, input and output tensor names, Conv geometry or
+    Gemm flags, and the name of its weight tensor."""
 
-    name: str
     node: gs.Node
     kind: str
-    spec: LayerSpec
-    weight: torch.Tensor | None = None
     x: str = ""
     y: str = ""
     attrs: dict = field(default_factory=dict)
-    skip: str | None = None
     weight_name: str = ""
 
 
@@ -106,8 +90,8 @@ def _producers(t: gs.Tensor) -> list[gs.Node]:
     return list(t.inputs)
 
 
-def constant_reason(t: gs.Tensor) -> str | None:
-    """Why ``t`` is not a foldable constant, or ``None``."""
+def constant_reason(t: gs.Tensor) -> tuple[SkipReason, str] | None:
+    """Why ``t`` is not a foldable constant (reason and detail), or ``None``."""
     if isinstance(t, gs.Constant):
         return None
     seen, stack = set(), [t]
@@ -118,14 +102,14 @@ def constant_reason(t: gs.Tensor) -> str | None:
         seen.add(id(v))
         prod = _producers(v)
         if not prod:
-            return "weight is computed at run time (it depends on a graph input)"
+            return SkipReason.RUNTIME_WEIGHT, "weight is computed at run time (it depends on a graph input)"
         n = prod[0]
         if n.op in RANDOM_OPS:
-            return f"weight is computed at run time (random op {n.op})"
+            return SkipReason.RUNTIME_WEIGHT, f"weight is computed at run time (random op {n.op})"
         if n.op in QUANT_OPS:
-            return f"quantized weight ({n.op}): not rewritten"
+            return SkipReason.QUANTIZED, f"quantized weight ({n.op}): not rewritten"
         if any(isinstance(a, gs.Graph) for a in n.attrs.values()):
-            return f"weight is computed at run time (by {n.op} with a subgraph)"
+            return SkipReason.RUNTIME_WEIGHT, f"weight is computed at run time (by {n.op} with a subgraph)"
         stack.extend(n.inputs)
     return None
 
@@ -193,20 +177,22 @@ def _conv_attrs(node: gs.Node, W: np.ndarray) -> dict:
             "kernel": tuple(W.shape[2:])}
 
 
-def _check_weight(kind: str, node: gs.Node, W: np.ndarray) -> str | None:
+def _check_weight(kind: str, node: gs.Node, W: np.ndarray) -> tuple[SkipReason, str] | None:
     if W.dtype not in FLOAT_TYPES:
-        return f"weight is not floating point ({W.dtype})"
+        return SkipReason.NOT_FLOAT, f"weight is not floating point ({W.dtype})"
     if kind == "Conv":
         nd = W.ndim - 2
         if nd not in (1, 2):
-            return f"Conv with {nd} spatial dims is not supported (Conv1d/Conv2d only)"
+            return SkipReason.UNSUPPORTED_OP, f"Conv with {nd} spatial dims is not supported (Conv1d/Conv2d only)"
         ks = node.attrs.get("kernel_shape")
         if ks is not None and tuple(ks) != tuple(W.shape[2:]):
-            return f"weight shape does not match kernel_shape {tuple(ks)}"
+            return SkipReason.SHAPE_MISMATCH, f"weight shape does not match kernel_shape {tuple(ks)}"
         if W.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1:
-            return f"depthwise conv (group={node.attrs.get('group')}, one input channel per group): nothing to factor"
+            return (SkipReason.DEPTHWISE,
+                    f"depthwise conv (group={node.attrs.get('group')}, one input channel per group): nothing to factor")
     elif W.ndim != 2:
-        return f"constant weight is {W.ndim}-D, not 2-D (batched MatMul weights are not matched)"
+        return (SkipReason.WEIGHT_RANK,
+                f"constant weight is {W.ndim}-D, not 2-D (batched MatMul weights are not matched)")
     return None
 
 
@@ -249,8 +235,9 @@ def find_sites(graph: gs.Graph, model: onnx.ModelProto) -> list[Site]:
             if rb is None:
                 candidates.append((node, kind, b, None, None))
             elif ra is None:
-                candidates.append((node, kind, a, "constant weight on the left (W @ x) is not matched", None))
-            elif not rb.endswith("(it depends on a graph input)"):  # e.g. a quantized weight: say why
+                candidates.append((node, kind, a, (SkipReason.LEFT_WEIGHT,
+                                                   "constant weight on the left (W @ x) is not matched"), None))
+            elif not rb[1].endswith("(it depends on a graph input)"):  # e.g. a quantized weight: say why
                 candidates.append((node, kind, b, rb, None))
             continue  # activation @ activation: not a weight layer
         w = node.inputs[1]
@@ -260,7 +247,8 @@ def find_sites(graph: gs.Graph, model: onnx.ModelProto) -> list[Site]:
             w = node.inputs[1]
             if node.op == "MatMul" and not isinstance(w, gs.Constant):
                 continue
-            candidates.append((node, node.op, w, f"inside a subgraph ({where}): not rewritten", where))
+            candidates.append((node, node.op, w, (SkipReason.SUBGRAPH, f"inside a subgraph ({where}): not rewritten"),
+                               where))
 
     to_fold = sorted({w.name for _, _, w, r, where in candidates
                       if r is None and where is None and not isinstance(w, gs.Constant)})
@@ -279,25 +267,28 @@ def find_sites(graph: gs.Graph, model: onnx.ModelProto) -> list[Site]:
             name = f"{base}_{i}"
         names.add(name)
         x = node.inputs[0].name if kind != "MatMul" or reason is None else node.inputs[1].name
-        site = Site(name, node, kind, LayerSpec(name, kind.lower(), 0, 0, source="onnx"), x=x,
-                    y=node.outputs[0].name, skip=reason, weight_name=w.name)
+        ref = OnnxRef(node, kind, x=x, y=node.outputs[0].name, weight_name=w.name)
+        site = Site(name, LayerSpec(name, kind.lower(), 0, 0, source="onnx"), kind, ref=ref)
+        declined_first = reason is not None
         if values is not None:
             if reason is None:
                 reason = _check_weight(kind, node, values)
             if values.dtype in FLOAT_TYPES and (kind == "Conv" and values.ndim >= 3 or values.ndim == 2):
-                Wt = _torch_layout(kind, node, values) if kind != "MatMul" or site.skip is None else values
+                Wt = _torch_layout(kind, node, values) if kind != "MatMul" or not declined_first else values
                 attrs = _conv_attrs(node, Wt) if kind == "Conv" else {
                     "transA": int(node.attrs.get("transA", 0)), "beta": float(node.attrs.get("beta", 1.0))}
                 has_bias = len(node.inputs) > 2 and not _empty(node.inputs[2])
                 site.spec = _spec(name, kind, Wt, attrs, has_bias)
-                site.attrs = attrs
+                ref.attrs = attrs
                 site.weight = torch.from_numpy(np.array(Wt))
         if reason is None and len(w.outputs) > 1:
             users = [u.name or u.op for u in w.outputs if u is not node]
-            reason = f"weight is shared with {len(users)} other node(s) ({', '.join(users[:3])}); kept dense"
+            reason = (SkipReason.SHARED_WEIGHT,
+                      f"weight is shared with {len(users)} other node(s) ({', '.join(users[:3])}); kept dense")
         if reason is None and site.weight is None:
-            reason = "weight is computed at run time (could not be folded)"
-        site.skip = reason
+            reason = SkipReason.RUNTIME_WEIGHT, "weight is computed at run time (could not be folded)"
+        if reason is not None:
+            site.set_skip(*reason)
         sites.append(site)
     return sites
 
@@ -325,6 +316,6 @@ def weight_elements(graph: gs.Graph, sites: list[Site]) -> int:
 
     walk(graph)
     for s in sites:
-        if s.weight is not None and s.weight_name not in seen:
-            seen[s.weight_name] = s.weight.numel()
+        if s.weight is not None and s.ref.weight_name not in seen:
+            seen[s.ref.weight_name] = s.weight.numel()
     return int(sum(seen.values()))

@@ -1,110 +1,73 @@
-"""Rewrite matched ONNX nodes into their planned forms (DESIGN §4: math → module → graph plumbing).
+"""Emit a fitted module as ONNX nodes (DESIGN §4: math → module → graph plumbing).
 
-The factors come from the very constructors the torch pass uses (``SKLinear.from_dense``,
-``SKConv{1,2}d.from_dense``, ``LowRank*.from_dense``), fed an ``nn.Linear``/``nn.Conv`` that holds the
-ONNX weight, with ``name=`` the layer name and the plan's seed and distribution: the sketches ``U``
-are keyed by ``(seed, name, branch)``, so a torch model and its ONNX export get identical factors.
-Float32 weights are fitted in float32 modules (bit-for-bit the torch pass's factors); other dtypes
-(fp16, bf16) in float64 modules, cast to the weight's dtype when emitted.
+The module comes from the one factory the torch pass uses too (:func:`sketchpass.layers.factor_module`),
+fed an ``nn.Linear``/``nn.Conv`` that holds the ONNX weight (float32 weights in float32, other dtypes in
+float64, cast to the weight's dtype when emitted).  The emitted tensors are the very ones the module's
+torch forward multiplies: the low-rank chains' two weights, and for SK layers :meth:`SKLinear.chain` /
+:meth:`SKConv2d.branch_weights` — the trainable factors with every scale folded in and the sketches as
+exact ``±1`` matrices (stored as floats, int8 or bits, :mod:`.emit`).
 
-Fits use the Grams observed on the *original* model (no sequential refit through ORT: every layer
-is fitted on its own original inputs, the torch pass's ``refit=False``).
-
-Emitted forms (the matched node's input and output tensors are kept; the node and its now unused
-weight are removed by ``cleanup``):
+Each layer is emitted into a small scratch graph that reads the matched node's input tensor and writes
+its output tensor (names kept; the Gemm ``C`` / Conv bias referenced by name), and exported to
+``NodeProto`` s and initializers that replace the node (:class:`~sketchpass.onnx.frontend.OnnxFrontend`
+splices them in; ``cleanup`` later drops the old weight).  Forms:
 
 * svd, Conv: ``Conv(x, R; the original pads/strides/dilations/auto_pad/group)`` → ``Conv(·, L 1×1, bias)``;
 * svd, Linear: ``MatMul(x, Rᵀ)`` → ``MatMul(·, Lᵀ)`` (Gemm: ``Gemm(x, Rᵀ, transA)`` → ``Gemm(·, Lᵀ, C, β)``);
-* sketch, Conv: ``Conv(x, S1')`` → ``Conv(·, U1ᵀ 1×1, bias)``, ``Conv(x, U2 1×1)`` → ``Conv(·, S2')``,
-  ``Add``; ``S1' = S1·c/(2l)``, ``S2' = S2·c/(2l)`` (``c = 1/√k`` for Rademacher ``U = c·(±1)``);
-* sketch, Linear: ``x ↦ x M1 M2`` with ``M1 = [S1'ᵀ | U2ᵀ]`` (``d_in × 2m``) and ``M2 = [U1 ; S2'ᵀ]``
+* sketch, Conv: ``Conv(x, S1f)`` → ``Conv(·, Σ1ᵀ 1×1, bias)``, ``Conv(x, Σ2 1×1)`` → ``Conv(·, S2f)``, ``Add``;
+* sketch, Linear: ``x ↦ x Bᵀ Aᵀ`` with ``Bᵀ = [S1fᵀ | Σ2ᵀ]`` (``d_in × 2m``) and ``Aᵀ = [Σ1 ; S2fᵀ]``
   (``2m × d_out``), as two MatMul (or Gemm) nodes.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from ..layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
-from ..plan import Decision
+from ..layers import LowRankConv1d, LowRankConv2d, LowRankLinear, dense_module
+from ..site import Site
 from .emit import Emitter
-from .match import Site
 
 
-# --------------------------------------------------------------------------- math → modules
 def work_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype == torch.float32 else torch.float64
 
 
-def dense_module(site: Site) -> nn.Module:
-    """An ``nn.Linear`` / ``nn.Conv{1,2}d`` holding the site's weight (geometry is irrelevant to the fits)."""
+def stand_in(site: Site) -> nn.Module:
+    """The ``nn.Linear`` / ``nn.Conv{1,2}d`` the fits and the torch-side checks use: the site's weight, its
+    strides, dilations and groups, no padding (inputs are padded explicitly) and no bias (the node's bias
+    stays in the graph)."""
     W = site.weight.to(work_dtype(site.weight))
     if site.kind == "Conv":
-        cls = nn.Conv1d if W.dim() == 3 else nn.Conv2d
-        g = site.spec.groups
-        mod = cls(W.shape[1] * g, W.shape[0], tuple(W.shape[2:]), groups=g, bias=False, device="meta")
-    else:
-        mod = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-    mod.weight = nn.Parameter(W, requires_grad=False)
-    return mod
+        a = site.ref.attrs
+        return dense_module(W, stride=a["strides"], dilation=a["dilations"], groups=a["group"], padding=0)
+    return dense_module(W)
 
 
-def build(site: Site, d: Decision, *, seed: int, dist: str, init: str, grams: torch.Tensor | None) -> nn.Module:
-    """The torch module of one decision (same code path as the torch pass), ``grams`` already shrunk."""
-    mod = dense_module(site)
-    is_linear = site.kind != "Conv"
-    gram = None if grams is None else (grams[0] if is_linear else grams)
-    if d.method == "svd":
-        cls = LowRankLinear if is_linear else (LowRankConv1d if site.weight.dim() == 3 else LowRankConv2d)
-        return cls.from_dense(mod, d.rank, gram=gram)
-    if d.method == "sketch":
-        cls = SKLinear if is_linear else (SKConv1d if site.weight.dim() == 3 else SKConv2d)
-        use = "lstsq" if init == "calibrated" and gram is None else init
-        return cls.from_dense(mod, d.k, d.l, init=use, seed=seed, gram=gram if use == "calibrated" else None,
-                              name=site.name, dist=dist)
-    raise ValueError(f"decision {d.method!r} does not build a module")
-
-
-def materialize(site: Site, module: nn.Module) -> torch.Tensor:
-    return module.materialize().detach()
-
-
-# --------------------------------------------------------------------------- modules → graph
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().numpy()
 
 
-def _sign_scale(U: torch.Tensor, dist: str) -> tuple[np.ndarray, float, bool]:
-    """``(values, c, is_pm1)``: Rademacher ``U = c·(±1)``; other sketches returned as they are (``c = 1``)."""
-    u = _np(U)
-    if dist == "rademacher":
-        c = float(np.abs(u).max()) if u.size else 1.0
-        return np.sign(u), c, True
-    return u, 1.0, False
-
-
-def _linear_nodes(em: Emitter, site: Site, x, y, M1, M2) -> None:
-    node = site.node
+def _linear_nodes(em: Emitter, site: Site, x, y, M1, M2, c) -> None:
+    ref = site.ref
     mid = em.var(f"{site.name}/sp_mid")
-    if site.kind == "Gemm":
-        c = node.inputs[2] if len(node.inputs) > 2 else None
+    if ref.kind == "Gemm":
         first = [x, M1]
         if em.opset < 11:  # C is optional only from opset 11
             first.append(em.const(f"{site.name}.sp.zero", np.zeros((1,))))
-        em.node("Gemm", f"{site.name}/sp_Gemm_0", first, [mid], transA=int(site.attrs.get("transA", 0)))
-        inputs = [mid, M2] + ([c] if c is not None and c.name else [])
-        em.node("Gemm", f"{site.name}/sp_Gemm_1", inputs, [y], beta=float(site.attrs.get("beta", 1.0)))
+        em.node("Gemm", f"{site.name}/sp_Gemm_0", first, [mid], transA=int(ref.attrs.get("transA", 0)))
+        inputs = [mid, M2] + ([c] if c is not None else [])
+        em.node("Gemm", f"{site.name}/sp_Gemm_1", inputs, [y], beta=float(ref.attrs.get("beta", 1.0)))
     else:
         em.node("MatMul", f"{site.name}/sp_MatMul_0", [x, M1], [mid])
         em.node("MatMul", f"{site.name}/sp_MatMul_1", [mid, M2], [y])
 
 
 def _conv(em: Emitter, site: Site, name: str, x, w, out, bias=None, geometry: bool = True) -> None:
-    a = site.attrs
+    a = site.ref.attrs
     nd = len(a["kernel"])
     attrs = {"group": a["group"]}
     if geometry:
@@ -118,66 +81,53 @@ def _conv(em: Emitter, site: Site, name: str, x, w, out, bias=None, geometry: bo
     em.node("Conv", f"{site.name}/{name}", [x, w] + ([bias] if bias is not None else []), [out], **attrs)
 
 
-def emit(em: Emitter, site: Site, d: Decision, module: nn.Module, dist: str) -> None:
-    """Replace ``site.node`` in ``em.graph`` by the nodes of ``module`` (``d`` says which form)."""
-    node = site.node
-    x, y = node.inputs[0], node.outputs[0]
-    node.outputs = []  # the old node is dead from here on; cleanup removes it and its weight
-    bias = node.inputs[2] if site.kind == "Conv" and len(node.inputs) > 2 and node.inputs[2].name else None
-    nm = site.name
-    if d.method == "svd":
-        if site.kind == "Conv":
+def emit(em: Emitter, site: Site, module: nn.Module, dtype: np.dtype) -> None:
+    """Nodes computing ``module`` from the site's input tensor into its output tensor, in ``em.graph``."""
+    ref, nm = site.ref, site.name
+    node = ref.node
+    x, y = gs.Variable(ref.x, dtype=dtype), gs.Variable(ref.y, dtype=dtype)
+    extra = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    bias = gs.Variable(extra.name, dtype=dtype) if extra is not None else None  # the node's own bias / C, by name
+    if isinstance(module, (LowRankLinear, LowRankConv1d, LowRankConv2d)):
+        if ref.kind == "Conv":
             first, second = module[0], module[1]
             mid = em.var(f"{nm}/sp_mid")
             _conv(em, site, "sp_Conv_R", x, em.const(f"{nm}.sp.R", _np(first.weight)), mid)
             _conv(em, site, "sp_Conv_L", mid, em.const(f"{nm}.sp.L", _np(second.weight)), y, bias, geometry=False)
         else:
             R, L = _np(module[0].weight), _np(module[1].weight)  # (r, d_in), (d_out, r)
-            _linear_nodes(em, site, x, y, em.const(f"{nm}.sp.R", R.T), em.const(f"{nm}.sp.L", L.T))
+            _linear_nodes(em, site, x, y, em.const(f"{nm}.sp.R", R.T), em.const(f"{nm}.sp.L", L.T), bias)
         return
-    l = module.l
-    u1, c1, pm1 = _sign_scale(module.U1, dist)
-    u2, c2, pm2 = _sign_scale(module.U2, dist)
-    if not (pm1 and pm2) and em.storage != "float":
+    pm1 = module.folded()["signs"]
+    if not pm1 and em.storage != "float":
         raise ValueError(f"layer {nm!r}: u_storage={em.storage!r} needs Rademacher (±1) sketches; this plan uses "
-                         f"dist={dist!r} — use u_storage='float'")
-    S1 = _np(module.S1) * (c1 / (2 * l))
-    S2 = _np(module.S2) * (c2 / (2 * l))
-    if site.kind == "Conv":
-        G, m = module.groups, module.m
-        one = (1,) * len(site.attrs["kernel"])
-        u1t = np.transpose(u1, (0, 2, 1)).reshape(module.out_channels, m, *one)  # per group U1ᵀ, 1×1
-        u2w = u2.reshape(G * m, module.in_channels // G, *one)
+                         f"dist={module.dist!r} — use u_storage='float'")
+    if ref.kind == "Conv":
+        w = module.branch_weights()
         b1, b1o, b2, b2o = (em.var(f"{nm}/sp_{t}") for t in ("b1", "b1o", "b2", "b2o"))
-        _conv(em, site, "sp_Conv_S1", x, em.const(f"{nm}.sp.S1", S1), b1)
-        _conv(em, site, "sp_Conv_U1", b1, em.signs(f"{nm}.sp.U1", u1t) if pm1 else em.const(f"{nm}.sp.U1", u1t),
+        sig1 = _np(w["Sig1t"])
+        sig2 = _np(w["Sig2w"])
+        _conv(em, site, "sp_Conv_S1", x, em.const(f"{nm}.sp.S1", _np(w["S1f"])), b1)
+        _conv(em, site, "sp_Conv_U1", b1, em.signs(f"{nm}.sp.U1", sig1) if pm1 else em.const(f"{nm}.sp.U1", sig1),
               b1o, bias, geometry=False)
-        _conv(em, site, "sp_Conv_U2", x, em.signs(f"{nm}.sp.U2", u2w) if pm2 else em.const(f"{nm}.sp.U2", u2w),
+        _conv(em, site, "sp_Conv_U2", x, em.signs(f"{nm}.sp.U2", sig2) if pm1 else em.const(f"{nm}.sp.U2", sig2),
               b2, geometry=False)
-        _conv(em, site, "sp_Conv_S2", b2, em.const(f"{nm}.sp.S2", S2), b2o)
+        _conv(em, site, "sp_Conv_S2", b2, em.const(f"{nm}.sp.S2", _np(w["S2f"])), b2o)
         em.node("Add", f"{nm}/sp_Add", [b1o, b2o], [y])
         return
-    # Linear: y = x M1 M2, M1 = [S1'ᵀ | U2ᵀ], M2 = [U1 ; S2'ᵀ]
-    M1 = em.concat(f"{nm}.sp.M1", [S1.T, ("signs", u2.T)] if pm2 else [S1.T, u2.T], axis=1)
-    M2 = em.concat(f"{nm}.sp.M2", [("signs", u1), S2.T] if pm1 else [u1, S2.T], axis=0)
-    _linear_nodes(em, site, x, y, M1, M2)
+    # Linear: y = x Bᵀ Aᵀ, Bᵀ = [S1fᵀ | Σ2ᵀ], Aᵀ = [Σ1 ; S2fᵀ]
+    f = module.folded()
+    S1f, S2f, sig1, sig2 = _np(f["S1f"]), _np(f["S2f"]), _np(f["Sig1"]), _np(f["Sig2"])
+    M1 = em.concat(f"{nm}.sp.M1", [S1f.T, ("signs", sig2.T)] if pm1 else [S1f.T, sig2.T], axis=1)
+    M2 = em.concat(f"{nm}.sp.M2", [("signs", sig1), S2f.T] if pm1 else [sig1, S2f.T], axis=0)
+    _linear_nodes(em, site, x, y, M1, M2, bias)
 
 
-def measured_error(site: Site, module: nn.Module, gram_raw: torch.Tensor | None) -> float:
-    """Relative output error ``Σ_g tr(Δ_g C_g Δ_gᵀ) / Σ_g tr(W_g C_g W_gᵀ)`` on the (unshrunk) calibration
-    Grams; the relative Frobenius error without data."""
-    W = site.weight.double().reshape(site.weight.shape[0], -1)
-    D = materialize(site, module).double().reshape(W.shape[0], -1) - W
-    G = site.spec.groups if site.kind == "Conv" else 1
-    co = W.shape[0] // G
-    num = den = 0.0
-    for g in range(G):
-        Wg, Dg = W[g * co:(g + 1) * co], D[g * co:(g + 1) * co]
-        if gram_raw is None:
-            num += float((Dg * Dg).sum())
-            den += float((Wg * Wg).sum())
-        else:
-            C = gram_raw[g]
-            num += float(((Dg @ C) * Dg).sum())
-            den += float(((Wg @ C) * Wg).sum())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+def emit_protos(site: Site, module: nn.Module, *, dtype: np.dtype, storage: str, names: set[str],
+                opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes and initializers that replace ``site``'s node (see module docstring)."""
+    scratch = gs.Graph(opset=opset)
+    em = Emitter(scratch, dtype, storage, names=names, opset=opset)
+    emit(em, site, module, dtype)
+    g = gs.export_onnx(scratch, do_type_check=False).graph
+    return list(g.node), list(g.initializer)

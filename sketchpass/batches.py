@@ -1,0 +1,287 @@
+"""Calibration batches: plumbing for torch batches, and the stream that both frontends read them from.
+
+Torch batches are a tensor, a tuple/list of tensors (``model(*batch)``) or a dict of keyword arguments
+(``model(**batch)``); ONNX batches are feed dicts (validated in :mod:`sketchpass.onnx.feeds`).
+
+:class:`Calib` is the one place where calibration data is read.  It streams: every pass over the data
+(observe, refit, verify) reads the batches again from the source, one at a time, so memory holds one
+batch (plus what the stage keeps) whatever the number of batches.  A source that can be read only
+once (a generator, a shuffling DataLoader) is kept, as it is read the first time, in a
+:class:`~sketchpass.store.Store` (memory up to ``max_activation_mb``, then a temporary folder).
+
+**Held-out batches.**  With ``holdout=h`` (default 8), batch ``i`` is kept out of fitting when
+``i % h == h - 1``; with fewer than ``h`` batches the last one is; a single batch of ``n ≥ 2``
+samples gives its last ``⌈n/h⌉`` samples.  One batch of one sample leaves nothing to hold out, and
+the output error is then not measured (the plan says so).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .store import Store
+
+
+def iter_batches(calib: Any, max_batches: int | None = None) -> Iterator[Any]:
+    """Yield calibration batches from a tensor, a tuple, a dict, an iterable of those, or a DataLoader.
+
+    A single tensor / tuple / dict is one batch.  DataLoader items that are ``(inputs, labels)``
+    pairs are *not* unpacked automatically — pass ``(x for x, _ in loader)`` for that.
+    """
+    if calib is None:
+        return
+    if isinstance(calib, (torch.Tensor, dict)):
+        yield calib
+        return
+    if isinstance(calib, tuple) and all(isinstance(t, torch.Tensor) for t in calib):
+        yield calib
+        return
+    if not isinstance(calib, Iterable):
+        raise TypeError(f"calib must be a tensor, a tuple or dict of tensors, or an iterable of those "
+                        f"(e.g. a DataLoader); got {type(calib).__name__}")
+    for i, batch in enumerate(calib):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def call_model(model: torch.nn.Module, batch: Any):
+    """Run ``model`` on one calibration batch: tensor → ``model(x)``, tuple/list → ``model(*b)``,
+    dict → ``model(**b)`` (e.g. tokenizer output)."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return model(**dict(batch))
+    raise TypeError(f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of keyword "
+                    f"arguments; got {type(batch).__name__}")
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch (leading dim of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if hasattr(batch, "values") else batch
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.dim():
+            return int(t.shape[0])
+    return 1
+
+
+def slice_batch(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (tensors whose leading dim is the batch size are sliced)."""
+    size = batch_size(batch)
+
+    def cut(t):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size:
+            return t[:n]
+        return t
+
+    if isinstance(batch, torch.Tensor):
+        return cut(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(t) for t in batch)
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {k: cut(v) for k, v in dict(batch).items()}
+    return batch
+
+
+def move_batch(batch: Any, device) -> Any:
+    """``batch`` (a tensor, or tuples/lists/dicts of them) with every tensor moved to ``device``."""
+    return _map_tensors(batch, lambda t: t.to(device))
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """Floating-point tensors of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if torch.is_floating_point(out) else []
+    if isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in output_tensors(v)]
+    return []
+
+
+def _map_tensors(batch: Any, fn) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    return batch
+
+
+def _is_image(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and torch.is_floating_point(t) and t.device.type == "cpu"
+
+
+def leaves(batch: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    _map_tensors(batch, lambda t: out.append(t) or t)
+    return out
+
+
+def to_channels_last(batch: Any) -> Any:
+    """``batch`` with its 4-D float CPU tensors in channels-last layout."""
+    return _map_tensors(batch, lambda t: t.contiguous(memory_format=torch.channels_last) if _is_image(t) else t)
+
+
+def channels_last_ok(model: torch.nn.Module, batch: Any) -> bool:
+    """Whether ``model`` gives the same outputs (within 1e-4 of their scale) on channels-last inputs.
+
+    oneDNN's CPU convolutions prefer the channels-last layout, and the layout propagates from the
+    input, so the passes over the calibration data get faster without touching the model (the whole
+    pass is timed by ``bench/timing.py``).  Models that ``.view`` activations fail in that layout; this
+    check (2 samples, both layouts) keeps those on the default layout."""
+    if not any(_is_image(t) for t in leaves(batch)):
+        return False
+    probe = slice_batch(batch, 2)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = output_tensors(call_model(model, probe))
+            out = output_tensors(call_model(model, to_channels_last(probe)))
+    except RuntimeError:  # e.g. .view() on a channels-last activation
+        return False
+    finally:
+        model.train(was_training)
+    if len(ref) != len(out) or not ref:
+        return False
+    for a, b in zip(ref, out):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if a.shape != b.shape or not bool(torch.isfinite(b).all() == torch.isfinite(a).all()) or (
+                a.numel() and float((a - b).abs().max()) > 1e-4 * max(scale, 1e-12)):
+            return False
+    return True
+
+
+def prefer_channels_last(model: torch.nn.Module, batches: list) -> list:
+    """The batches in channels-last layout when :func:`channels_last_ok` on the first, else unchanged."""
+    if batches and channels_last_ok(model, batches[0]):
+        return [to_channels_last(b) for b in batches]
+    return batches
+
+
+# --------------------------------------------------------------------------- the stream
+FIT, HELD = "fit", "held"
+
+
+def one_shot(source: Any) -> bool:
+    """Whether iterating ``source`` twice would not give the same batches again (an iterator, or a
+    DataLoader whose sampler shuffles)."""
+    if isinstance(source, Iterator):
+        return True
+    loader = getattr(torch.utils.data, "DataLoader", None)
+    if loader is not None and isinstance(source, loader):
+        return not isinstance(source.sampler, torch.utils.data.SequentialSampler)
+    return False
+
+
+class Calib:
+    """Calibration batches, split into fitting and held-out ones, read again on every pass.
+
+    ``open`` returns a fresh iterator of validated batches (the frontend's: torch batches or ONNX feeds);
+    ``size(batch)`` counts its samples and ``split(batch, n)`` cuts it into its first ``n`` samples and
+    the rest.  ``prepare`` (optional) turns a raw batch into what the passes use (e.g. channels-last);
+    it can be set after the first batch has been looked at (:meth:`first`)."""
+
+    def __init__(self, open: Callable[[], Iterable], *, size: Callable[[Any], int],
+                 split: Callable[[Any, int], tuple[Any, Any]], holdout: int = 8, max_batches: int | None = None,
+                 reiterable: bool = True, max_bytes: float = 1024 * 2**20):
+        self._open, self._size, self._split = open, size, split
+        self.holdout, self.max_batches = int(holdout), max_batches
+        self.prepare: Callable[[Any], Any] | None = None
+        self._cache: Store | None = None if reiterable else Store(max_bytes, "calibration batches")
+        self._cached = 0
+        self._complete = False
+        self.counts: dict[str, int] | None = None  # after a full pass: batches/samples of each role
+
+    # ------------------------------------------------------------------ raw batches
+    def _raw(self) -> Iterator[Any]:
+        if self._cache is not None and self._complete:
+            for i in range(self._cached):
+                yield self._cache.get(i)
+            return
+        for i, batch in enumerate(self._open()):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            if self._cache is not None:
+                self._cache.put(i, batch)
+                self._cached = i + 1
+            yield batch
+        if self._cache is not None:
+            self._complete = True
+
+    def first(self) -> Any:
+        """The first batch (raw), or ``None`` when there is none."""
+        for b in self._raw():
+            return b
+        return None
+
+    # ------------------------------------------------------------------ roles
+    def _roles(self) -> Iterator[tuple[str, Any]]:
+        h = self.holdout
+        counts = {"batches": 0, "samples": 0, "holdout_batches": 0, "holdout_samples": 0}
+        it = iter(self._raw())
+        prev = next(it, None)
+        if prev is None:
+            self.counts = counts
+            return
+        i = 0
+        for nxt in it:
+            role = HELD if h and i % h == h - 1 else FIT
+            yield self._count(counts, role, prev)
+            prev, i = nxt, i + 1
+        # the last batch (index i of T = i + 1): held out by the rule, or as the one held-out batch when
+        # there are fewer than h; a lone batch gives its last samples instead
+        if h and (i % h == h - 1 or 1 <= i < h - 1):
+            yield self._count(counts, HELD, prev)
+        elif h and i == 0 and self._size(prev) >= 2:
+            n = self._size(prev)
+            head, tail = self._split(prev, n - math.ceil(n / h))
+            yield self._count(counts, FIT, head)
+            yield self._count(counts, HELD, tail)
+        else:
+            yield self._count(counts, FIT, prev)
+        self.counts = counts
+
+    def _count(self, counts, role, batch):
+        n = self._size(batch)
+        if role == FIT:
+            counts["batches"] += 1
+            counts["samples"] += n
+        else:
+            counts["holdout_batches"] += 1
+            counts["holdout_samples"] += n
+        return role, batch
+
+    def size(self, batch) -> int:
+        return self._size(batch)
+
+    def head(self, batch, n: int):
+        """The first ``n`` samples of ``batch`` (the batch itself when it has no more)."""
+        return batch if self._size(batch) <= n else self._split(batch, n)[0]
+
+    def _select(self, want: str) -> Iterator[Any]:
+        for role, batch in self._roles():
+            if role == want:
+                yield self.prepare(batch) if self.prepare is not None else batch
+
+    def fit(self) -> Iterator[Any]:
+        """The batches to fit on (everything but the held-out ones), one at a time."""
+        return self._select(FIT)
+
+    def held_out(self) -> Iterator[Any]:
+        """The held-out batches, one at a time."""
+        return self._select(HELD)
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()

@@ -1,0 +1,276 @@
+"""The PyTorch frontend: the graph-specific steps of :mod:`sketchpass.pipeline` for an ``nn.Module``.
+
+Capture (:mod:`.trace`): a torch.fx ``GraphModule`` when symbolic tracing works and reproduces the model on
+the first calibration batch, else a deep copy whose layers are swapped by name ("modules"); matching
+(:mod:`.match`); hooks for layer inputs, Hutchinson sensitivities and side-by-side runs (:mod:`.observe`);
+the refit's lock-step segments (:mod:`.rewrite`).
+
+In fx mode the sequential refit runs the graph from boundary to boundary (linear in the depth); in modules
+mode there is no graph to cut, so every layer's inputs are captured by running the two models up to it
+(the cost grows with the square of the depth) — the plan's notes say which mode was used.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..batches import (
+    Calib,
+    batch_size,
+    call_model,
+    channels_last_ok,
+    iter_batches,
+    one_shot,
+    slice_batch,
+    to_channels_last,
+)
+from ..options import Options
+from ..pipeline import SensitivityUnavailable
+from ..plan import Plan
+from ..site import LayerInput, Site
+from . import observe as fo
+from .match import find_sites
+from .rewrite import Segments, set_module
+from .trace import capture
+
+
+def _split(batch, n: int):
+    """``(first n samples, the rest)`` of a torch batch."""
+    size = batch_size(batch)
+
+    def cut(t, sl):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size:
+            return t[sl]
+        return t
+
+    def apply(sl):
+        if isinstance(batch, torch.Tensor):
+            return cut(batch, sl)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(cut(t, sl) for t in batch)
+        return {k: cut(v, sl) for k, v in dict(batch).items()}
+
+    return apply(slice(0, n)), apply(slice(n, None))
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _input_of(model: nn.Module, module: nn.Module, batch):
+    """The first input of ``module`` when ``model`` runs on ``batch`` (the forward stops there)."""
+    box = {}
+
+    def hook(mod, inputs):
+        box["x"] = inputs[0]
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        call_model(model, batch)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return box.get("x")
+
+
+class TorchFrontend:
+    """See the module docstring and :class:`sketchpass.pipeline.Frontend`."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, o: Options, capture_mode: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
+                            f"{type(model).__name__}")
+        self.model, self.o = model, o
+        self.mode = capture_mode or o.capture
+        self.cap = None
+        self.capture = ""
+        self.notes: list[str] = []
+        self._sites: list[Site] = []
+        self._channels_last = False
+        self._replaced: dict[str, nn.Module] = {}
+        self._order: list[str] | None = None
+
+    # ----------------------------------------------------------------- data and capture
+    def calib(self, calib, o: Options) -> Calib:
+        if not isinstance(calib, (torch.Tensor, dict, tuple, list)) and not hasattr(calib, "__iter__"):
+            raise TypeError(f"calib must be a tensor, a tuple or dict of tensors, or an iterable of those (e.g. a "
+                            f"DataLoader); got {type(calib).__name__}")
+        single = isinstance(calib, (torch.Tensor, dict)) or (isinstance(calib, tuple) and all(
+            isinstance(t, torch.Tensor) for t in calib))
+        return Calib(lambda: iter_batches(calib), size=batch_size, split=_split, holdout=o.holdout,
+                     max_batches=o.max_batches, reiterable=single or not one_shot(calib),
+                     max_bytes=o.max_activation_mb * 2**20)
+
+    def prepare(self, first) -> None:
+        self.cap = capture(self.model, self.mode, example=first)
+        self.cap.model.eval()
+        self.capture = self.cap.capture
+        self.notes = list(self.cap.notes)
+        self._sites = find_sites(self.cap)
+        self.notes = list(self.cap.notes)
+        if self.cap.capture == "modules":
+            self.notes.append("modules capture: the sequential refit runs the model up to every layer it fits (its "
+                              "cost grows with the square of the depth)")
+        if first is not None:
+            self._channels_last = channels_last_ok(self.cap.model, first)
+            if self.cap.capture == "modules":
+                self._order = self._call_order(first)
+
+    def wrap(self, data: Calib) -> None:
+        if self._channels_last:
+            data.prepare = to_channels_last
+
+    def _call_order(self, batch) -> list[str]:
+        order: list[str] = []
+        handles = [s.dense.register_forward_pre_hook(lambda m, i, p=s.ref: order.append(p))
+                   for s in self._sites if s.dense is not None]
+        try:
+            with torch.no_grad():
+                call_model(self.cap.model, slice_batch(batch, 1))
+        finally:
+            for h in handles:
+                h.remove()
+        return list(dict.fromkeys(order))
+
+    def sites(self) -> list[Site]:
+        return self._sites
+
+    def model_params(self, sites) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    def model_macs(self, sites, batch) -> int:
+        if batch is None:
+            return 0
+        return fo.model_macs(self.cap.model, batch)
+
+    def positions_without_data(self, sites, example) -> list[str]:
+        if example is None:
+            return ["no input shapes: MACs are counted at one position per sample (pass example_inputs= for real "
+                    "MAC counts)"]
+        stats: dict[str, list[int]] = {}
+
+        def visit(site, inp):
+            st = stats.setdefault(site.name, [0, 0])
+            st[0] += inp.p_in
+            st[1] += inp.p_out
+
+        active = [s for s in sites if s.skip is None]
+        fo.observe_batch(self.cap.model, active, lambda s: s.dense, example, visit)
+        n = batch_size(example)
+        for s in active:
+            if s.name in stats:
+                s.spec.p_in = max(1, round(stats[s.name][0] / n))
+                s.spec.p_out = max(1, round(stats[s.name][1] / n))
+        return []
+
+    # ----------------------------------------------------------------- observe
+    def observe_batch(self, batch, sites, visit) -> None:
+        fo.observe_batch(self.cap.model, sites, lambda s: s.dense, batch, visit)
+
+    def sensitivities(self, sites, batches, probes, seed) -> dict[str, float]:
+        try:
+            return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed)
+        except RuntimeError as exc:  # e.g. in-place ops on tensors autograd needs: no backward through the model
+            first = " ".join(str(exc).split())[:160]
+            raise SensitivityUnavailable(f"sensitivities could not be measured (backward through the model "
+                                         f"failed: {first})") from None
+
+    # ----------------------------------------------------------------- fit and rewrite
+    def begin(self) -> None:
+        self._replaced = {}
+        self._fitted: dict[str, nn.Module] = {}
+        self._segments = None
+        if self.cap.graph is None:
+            self._comp = copy.deepcopy(self.cap.model)
+
+    def refit_steps(self, sites: list[Site]) -> list[list[Site]]:
+        if self.cap.graph is not None:
+            self._segments = Segments(self.cap.model, self._replaced)
+            groups = self._segments.plan_steps([s.ref for s in sites])
+            return [[sites[i] for i in g] for g in groups]
+        order = {p: i for i, p in enumerate(self._order or [])}
+        ran = [s for s in sites if s.ref in order]
+        ran.sort(key=lambda s: order[s.ref])
+        return [[s] for s in ran] + [[s] for s in sites if s.ref not in order]
+
+    def start(self, batch):
+        if self._segments is not None:
+            return self._segments.start(batch)
+        return batch
+
+    def advance(self, step: int, env):
+        if self._segments is not None:
+            return self._segments.advance(step, env)
+        return env
+
+    def site_inputs(self, env, site: Site) -> tuple[LayerInput, LayerInput] | None:
+        mod = site.dense
+        if self._segments is not None:
+            env_o, env_n = env
+            key = self._segments.input_name(site.ref)
+            x, xh = env_o[key], env_n[key]
+        else:
+            x = _input_of(self.cap.model, mod, env)
+            xh = x if not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref), env)
+            if x is None or xh is None:
+                return None
+        inp = fo.layer_input(site, mod, x, None)
+        return inp, (inp if xh is x else fo.layer_input(site, mod, xh, None))
+
+    def replace(self, site: Site, module: nn.Module) -> None:
+        module.train(False)
+        self._fitted[site.name] = module
+        self._replaced[site.ref] = module
+        if self.cap.graph is None:
+            set_module(self._comp, site.ref, module)
+
+    def export(self, plan: Plan) -> nn.Module:
+        if self.cap.graph is None:
+            small = self._comp
+            self._comp = copy.deepcopy(self.cap.model)  # the next round starts from the original
+        elif self.cap.functional:  # functional uses were rewritten in the graph: the graph is the result
+            small = copy.deepcopy(self.cap.model)
+            for path, mod in self._replaced.items():
+                set_module(small, path, copy.deepcopy(mod))
+            small.delete_all_unused_submodules()
+            small.graph.lint()
+            small.recompile()
+        else:  # keep the user's own class and forward: swap the fitted modules into a copy
+            small = copy.deepcopy(self.model)
+            for path, mod in self._replaced.items():
+                set_module(small, path, copy.deepcopy(mod))
+        small.train(self.model.training)
+        small.sketchpass_plan = plan
+        return small
+
+    def stamp(self, emitted: nn.Module, plan: Plan) -> None:
+        emitted.sketchpass_plan = plan
+
+    # ----------------------------------------------------------------- verify
+    def _module_in(self, root: nn.Module, site: Site) -> nn.Module:
+        return root.get_submodule(site.ref)
+
+    def compare(self, emitted: nn.Module, batch, sites) -> tuple[list, list, dict]:
+        was = emitted.training
+        emitted.eval()
+        try:
+            return fo.compare(self.cap.model, emitted, batch, sites, self._module_in)
+        finally:
+            emitted.train(was)
+
+    def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
+        return fo.single_layer_errors(self.cap.model, sites, self._fitted, self._module_in, batches)
+
+
+def frontend(model: Any, o: Options, capture_mode: str | None = None) -> TorchFrontend:
+    return TorchFrontend(model, o, capture_mode)

@@ -1,0 +1,655 @@
+"""The pass, written once for both frontends (DESIGN §3).  Read it top to bottom:
+
+    capture → find sites → observe → sensitivities → candidates → solve
+            → fit and rewrite (sequential refit) → export → verify  ⟲ (correct the weights, solve again)
+
+Each frontend (:mod:`sketchpass.fx.frontend` for PyTorch, :mod:`sketchpass.onnx.frontend` for ONNX)
+implements only the graph-specific steps, behind the :class:`Frontend` protocol below: capture the model
+and find its weight layers, run a calibration batch and show each layer's inputs, measure output
+sensitivities, cut the model into refit steps and run them, swap a layer for its factored module, export
+the result, and run the original and the emitted model side by side.  Everything else — which batches
+are used for what, the Gram statistics, the candidates and the solver, the refit targets, the factory
+of factored modules, the measured errors and the closed loop — is here or in the frontend-agnostic
+modules this file calls, and is the same for both.
+
+**Verify and the closed loop.**  With calibration data, one batch in ``holdout`` (default 8) is kept
+out of fitting (:class:`~sketchpass.batches.Calib`).  After the emitted model is built, both models run
+on the held-out batches: the relative squared output error ``Σ‖f̂ − f‖² / Σ‖f‖²`` is the measured
+counterpart of the plan's predicted ``Σ_i w_i e_i`` (weights ``w_i`` = output gain of layer ``i``'s
+relative error, ``e_i`` its predicted relative error), and every layer's relative output error
+``Σ‖ŷ − y‖² / Σ‖y − b‖²`` is measured next to its prediction.  When the measured model error is more
+than ``tolerance`` (default 3) times the predicted one, or less than a ``tolerance``-th of it, the
+error is attributed to layers: the model's output error with only layer ``i`` compressed, ``E_i``,
+gives its measured gain ``E_i / e_i``, which replaces the estimated one (layers kept dense get the
+median correction of the measured ones), and all gains are scaled by ``E / Σ E_i`` so that the
+prediction accounts for how the layers' errors combine.  The solver runs again on the same candidates
+with the corrected weights, and the new plan is fitted, emitted and measured — at most ``rounds``
+(default 2) times.  The round with the lowest measured error is kept; every round is recorded in
+``plan.verify``, and when no round brings measured and predicted within the tolerance the plan carries a
+one-line warning.
+
+**Memory.**  Calibration data is streamed: observing holds one batch of activations plus every
+layer's Gram (planning needs them all; they are dropped once the candidates exist); the sequential
+refit holds the activations at the current refit boundary for all fitting batches in a
+:class:`~sketchpass.store.Store` — in memory up to ``max_activation_mb`` (default 1024), on disk beyond
+that — plus one batch being run and the Grams of the layers being fitted; verify holds one batch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .batches import Calib
+from .budget import Budget
+from .calib import CrossGramAccumulator, GramAccumulator
+from .layers import factor_module, with_weight
+from .options import Options
+from .plan import Decision, Plan, SkipReason
+from .planner import Choices, apply_ignore, candidates, choose, make_plan
+from .progress import progress_bar
+from .site import LayerInput, Site
+from .sketch.refit import refit_target
+from .store import Store
+
+
+class SensitivityUnavailable(RuntimeError):
+    """The frontend could not measure output sensitivities (the message is the plan's note)."""
+
+
+class Frontend(Protocol):
+    """The graph-specific steps.  A frontend object captures one model when it is made and keeps its
+    working copies; ``name`` is ``"torch"`` or ``"onnx"``; ``capture`` names how it captured the model
+    (``"fx"``, ``"modules"``, ``"onnx"``) and ``notes`` what the plan should say about it."""
+
+    name: str
+    capture: str
+    notes: list[str]
+
+    # ----------------------------------------------------------------- data and capture
+    def calib(self, calib: Any, o: Options) -> Calib:
+        """The user's calibration data as a :class:`Calib` stream of validated batches."""
+
+    def prepare(self, first: Any) -> None:
+        """Capture the model (a first calibration batch, or ``None``, lets it check the capture)."""
+
+    def sites(self) -> list[Site]:
+        """Every weight layer, in execution order, with a skip reason where it cannot be factored."""
+
+    def model_params(self, sites: list[Site]) -> int: ...
+
+    def model_macs(self, sites: list[Site], batch: Any) -> int:
+        """MACs per sample of the whole model, at the shapes of ``batch`` (``None``: the model's own)."""
+
+    def positions_without_data(self, sites: list[Site], example: Any) -> list[str]:
+        """Fill ``p_in`` / ``p_out`` of every site from ``example_inputs`` or static shapes (no calibration
+        data); returns notes."""
+
+    # ----------------------------------------------------------------- observe
+    def observe_batch(self, batch: Any, sites: list[Site], visit: Callable[[Site, LayerInput], None]) -> None:
+        """Run the original model on ``batch``, calling ``visit`` with every input of every site."""
+
+    def sensitivities(self, sites: list[Site], batches: list, probes: int, seed: int) -> dict[str, float]:
+        """Output gain of every site's relative error (raises :class:`SensitivityUnavailable`)."""
+
+    # ----------------------------------------------------------------- fit and rewrite
+    def begin(self) -> None:
+        """Start a fresh compressed copy (each round of the loop starts from the original)."""
+
+    def refit_steps(self, sites: list[Site]) -> list[list[Site]]:
+        """The factored sites grouped into steps, in execution order: the sites of a step are fitted
+        together at a boundary where all their inputs are known."""
+
+    def start(self, batch: Any) -> Any:
+        """Both streams (original and compressed) of ``batch`` run up to the first boundary."""
+
+    def site_inputs(self, env: Any, site: Site) -> tuple[LayerInput, LayerInput]:
+        """The site's input in the original and in the compressed stream (the same object while equal)."""
+
+    def advance(self, step: int, env: Any) -> Any:
+        """Both streams run from boundary ``step`` to boundary ``step + 1``."""
+
+    def replace(self, site: Site, module: torch.nn.Module) -> None:
+        """Use the factored ``module`` for ``site`` in the compressed copy."""
+
+    def export(self, plan: Plan) -> Any:
+        """The emitted model: the compressed copy as an ``nn.Module`` / ``ModelProto``."""
+
+    def stamp(self, emitted: Any, plan: Plan) -> None:
+        """Attach the final ``plan`` (with what verify measured) to the emitted model."""
+
+    # ----------------------------------------------------------------- verify
+    def compare(self, emitted: Any, batch: Any, sites: list[Site]) -> tuple[list, list, dict]:
+        """``(outputs of the original, outputs of emitted, {site: (y, ŷ)})`` on ``batch`` (float tensors)."""
+
+    def single_layer_errors(self, sites: list[Site], batches: list) -> dict[str, tuple[float, float]]:
+        """``{site: (Σ‖f_i − f‖², Σ‖f‖²)}`` where ``f_i`` is the original model with only that site's fitted
+        module swapped in."""
+
+
+# =========================================================================== the stages
+@dataclass
+class Stats:
+    gram: GramAccumulator | None = None
+    positions_in: int = 0
+    positions_out: int = 0
+    calls: int = 0
+
+
+@dataclass
+class Observed:
+    samples: int = 0
+    batches: int = 0
+    kept: list = field(default_factory=list)  # the first samples, for the sensitivity probes
+    stats: dict[str, Stats] = field(default_factory=dict)
+
+
+def gram_features(site: Site) -> int:
+    return site.spec.d_in // site.spec.groups * site.spec.hw
+
+
+def add_input(acc: GramAccumulator, site: Site, inp: LayerInput) -> None:
+    if site.spec.op == "linear":
+        acc.add_rows(inp.x)
+    else:
+        s = site.spec
+        acc.add_conv_input(inp.x, s.kernel, s.stride, (0,) * len(s.kernel), s.dilation)
+
+
+def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: bool = True) -> Observed:
+    """One pass over the fitting batches: every active site's input Gram and positions; the first
+    ``sensitivity_samples`` samples are kept for the sensitivity probes."""
+    obs = Observed()
+    active = [s for s in sites if s.skip is None]
+    limit = o.max_gram_mb * 2**20
+    wants = {s.name: grams and s.spec.groups * gram_features(s) ** 2 * 8 <= limit for s in active}
+    for s in active:
+        obs.stats[s.name] = Stats()
+
+    def visit(site: Site, inp: LayerInput) -> None:
+        st = obs.stats[site.name]
+        st.calls += 1
+        st.positions_in += inp.p_in
+        st.positions_out += inp.p_out
+        if wants[site.name]:
+            if st.gram is None:
+                st.gram = GramAccumulator(gram_features(site), site.spec.groups)
+            add_input(st.gram, site, inp)
+
+    with progress_bar("calibrating", None, o.progress) as adv:
+        for batch in data.fit():
+            fe.observe_batch(batch, active, visit)
+            n = data.size(batch)
+            obs.samples += n
+            obs.batches += 1
+            have = sum(data.size(b) for b in obs.kept)
+            if o.sensitivity_samples and have < o.sensitivity_samples:
+                obs.kept.append(data.head(batch, o.sensitivity_samples - have))
+            adv(n)
+    if obs.batches == 0:
+        raise ValueError("the calibration data yielded no batches")
+    return obs
+
+
+def record_observation(sites: list[Site], obs: Observed, o: Options, notes: list[str]) -> None:
+    """Positions per sample into the specs, Grams onto the sites; layers that never ran are kept dense."""
+    for s in sites:
+        st = obs.stats.get(s.name)
+        if s.skip is not None or st is None:
+            continue
+        if st.calls == 0:
+            s.set_skip(SkipReason.NOT_EXECUTED, "not executed on the calibration data")
+            continue
+        s.spec.p_in = max(1, round(st.positions_in / obs.samples))
+        s.spec.p_out = max(1, round(st.positions_out / obs.samples))
+        g = st.gram
+        if g is not None and not all(bool(torch.isfinite(t).all()) for t in (g.gram, g.fourth, g.sum, g.sq_sum)):
+            notes.append(f"{s.name}: its calibration inputs overflow (inf/NaN); fitted data-free")
+            g = None
+        elif g is None:
+            notes.append(f"{s.name}: its input Gram would exceed max_gram_mb={o.max_gram_mb:g}; fitted data-free")
+        s.gram = g
+
+
+def measure_sensitivities(fe: Frontend, sites: list[Site], kept: list, o: Options, notes: list[str]) -> None:
+    active = [s for s in sites if s.skip is None]
+    if not o.sensitivity_samples:
+        notes.append("sensitivity_samples=0: every layer weighted equally")
+        return
+    if not active or not kept:
+        return
+    try:
+        with progress_bar("sensitivity", None, o.progress):
+            sens = fe.sensitivities(active, kept, o.probes, o.seed)
+    except SensitivityUnavailable as exc:
+        notes.append(f"{exc}; every layer weighted equally")
+        return
+    if not any(v > 0 for v in sens.values()):
+        notes.append("the model output does not move with the layers' outputs on the calibration data: "
+                     "sensitivities cannot be measured, every layer weighted equally")
+        return
+    for s in active:
+        s.sensitivity = float(sens.get(s.name, 1.0))
+
+
+# --------------------------------------------------------------------------- fit and rewrite
+def _accumulate(acc: CrossGramAccumulator, site: Site, x: LayerInput, xh: LayerInput) -> None:
+    if site.spec.op == "linear":
+        acc.add_rows(x.x, x.x if xh is x else xh.x)
+    else:
+        s = site.spec
+        acc.add_conv_inputs(x.x, x.x if xh is x else xh.x, s.kernel, s.stride, (0,) * len(s.kernel), s.dilation)
+
+
+def _build(site: Site, d: Decision, o_plan: dict, seed: int, init: str, grams=None, weight=None, wc=None):
+    dense = site.dense if weight is None else with_weight(site.dense, weight)
+    return factor_module(dense, d.method, rank=d.rank, k=d.k, l=d.l or 1, name=site.name, seed=seed,
+                         dist=o_plan.get("dist", "rademacher"), init=init, gram=grams, wc=wc)
+
+
+def _finite(acc: CrossGramAccumulator) -> bool:
+    parts = [acc.hat._gram, acc.hat.sum, acc.hat.fourth, acc.sum] + [t for t in (acc.cross, acc.wcross) if t is not None]
+    return all(bool(torch.isfinite(t).all()) for t in parts)
+
+
+def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | None, o: Options) -> dict:
+    """Build every factored layer of ``plan`` into the frontend's fresh compressed copy.
+
+    With data, layer by layer in execution order on the inputs the already-compressed layers produce
+    (:mod:`sketchpass.sketch.refit`; ``refit=False``: on the original inputs).  Returns what the stage
+    measured of itself (store peak, spilled batches)."""
+    fe.begin()
+    decisions = {lp.spec.name: lp.decision for lp in plan.layers}
+    todo = [s for s in sites if decisions[s.name].method != "dense"]
+    init = plan.options.get("init", "auto")
+    build_init = "random" if init == "random" else plan.options.get("fit_init", "calibrated" if data else "lstsq")
+    info: dict = {}
+    with progress_bar("fitting", len(todo), o.progress) as adv:
+        if data is None or init == "random" or not todo:
+            for s in todo:
+                fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init))
+                adv(1, s.name)
+            return info
+        if not o.refit:  # every layer on its inputs in the original model: one pass for all Grams
+            obs = observe(fe, todo, data, o.replace(sensitivity_samples=0), grams=True)
+            notes: list[str] = []
+            record_observation(todo, obs, o, notes)
+            for s in todo:
+                g = s.gram
+                s.gram = None
+                grams = g.shrunk(o.shrink) if g is not None else None
+                fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init, grams))
+                adv(1, s.name)
+            plan.notes.extend(n for n in notes if n not in plan.notes)
+            return info
+        steps = fe.refit_steps(todo)
+        notes: list[str] = []
+        store = Store(o.max_activation_mb * 2**20, "refit activations")
+        try:
+            keys = []
+            for i, batch in enumerate(data.fit()):
+                store.put(i, fe.start(batch))
+                keys.append(i)
+            for si, step in enumerate(steps):
+                accs = {s.name: CrossGramAccumulator(gram_features(s), s.spec.groups, weight=s.dense.weight)
+                        for s in step}
+                seen = dict.fromkeys(accs, False)
+                for key in keys:
+                    env = store.get(key)
+                    for s in step:
+                        pair = fe.site_inputs(env, s)
+                        if pair is None:
+                            continue
+                        _accumulate(accs[s.name], s, *pair)
+                        seen[s.name] = True
+                for s in step:
+                    d = decisions[s.name]
+                    if seen[s.name] and not _finite(accs[s.name]):
+                        notes.append(f"{s.name}: its inputs overflow (inf/NaN) in the refit; fitted data-free")
+                        seen[s.name] = False
+                    if not seen[s.name]:
+                        module = _build(s, d, plan.options, plan.seed, "lstsq" if build_init == "calibrated"
+                                        else build_init)
+                    else:
+                        W_t, grams, wc = refit_target(s.dense.weight, accs[s.name], s.spec.groups, o.shrink)
+                        module = _build(s, d, plan.options, plan.seed, build_init, grams, W_t, wc)
+                    fe.replace(s, module)
+                    adv(1, s.name)
+                del accs
+                if si + 1 < len(steps):
+                    for key in keys:
+                        store.put(key, fe.advance(si, store.get(key)))
+            info = {"refit_steps": len(steps), "store_peak_mb": round(store.peak_bytes / 2**20, 1),
+                    "store_spilled": store.spilled}
+            plan.notes.extend(n for n in notes if n not in plan.notes)
+        finally:
+            store.close()
+    return info
+
+
+# --------------------------------------------------------------------------- verify
+def _signal(y: torch.Tensor, site: Site) -> float:
+    """``‖y − b‖²``: the layer's output energy without its own bias (the denominator of the relative
+    layer error; the same quantity as ``tr(W C Wᵀ)`` in the predicted error)."""
+    y = y.detach().double()
+    if site.bias is not None:
+        b = site.bias.detach().double()
+        axis = 1 if site.spec.op.startswith("conv") else y.dim() - 1
+        shape = [1] * y.dim()
+        shape[axis] = -1
+        y = y - b.reshape(shape)
+    return float(y.square().sum())
+
+
+def _sq(t: torch.Tensor) -> float:
+    return float(t.detach().double().square().sum())
+
+
+def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Calib, o: Options) -> dict:
+    """Both models on the held-out batches: the measured relative output error of the model, and of
+    every factored layer (recorded in the decisions)."""
+    factored = [s for s in sites if plan[s.name].decision.method != "dense"]
+    num = den = 0.0
+    lnum = {s.name: 0.0 for s in factored}
+    lden = {s.name: 0.0 for s in factored}
+    samples = batches = 0
+    with progress_bar("verifying", None, o.progress) as adv:
+        for batch in data.held_out():
+            ref, out, layers = fe.compare(emitted, batch, factored)
+            if len(ref) != len(out):
+                raise RuntimeError(f"the emitted model has {len(out)} float outputs, the original {len(ref)}")
+            for a, b in zip(ref, out):
+                if a.shape != b.shape:
+                    raise RuntimeError(f"the emitted model's output has shape {tuple(b.shape)}, the original's "
+                                       f"{tuple(a.shape)}")
+                num += _sq(b.double() - a.double())
+                den += _sq(a)
+            for s in factored:
+                if s.name in layers:
+                    y, yh = layers[s.name]
+                    lnum[s.name] += _sq(yh.double() - y.double())
+                    lden[s.name] += _signal(y, s)
+            n = data.size(batch)
+            samples += n
+            batches += 1
+            adv(n)
+    if batches == 0:
+        return {"measured": None, "samples": 0, "batches": 0}
+    for s in factored:
+        plan[s.name].decision.measured_error = lnum[s.name] / lden[s.name] if lden[s.name] > 0 else 0.0
+    measured = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+    return {"measured": measured, "samples": samples, "batches": batches}
+
+
+def ratio_of(measured: float | None, predicted: float) -> float | None:
+    if measured is None:
+        return None
+    if predicted <= 1e-12:
+        return 1.0 if measured <= 1e-12 else math.inf
+    return measured / predicted
+
+
+def within(ratio: float | None, tol: float) -> bool:
+    return ratio is not None and 1.0 / tol <= ratio <= tol
+
+
+def corrections(plan: Plan, single: dict[str, tuple[float, float]], measured: float) -> dict[str, float]:
+    """New per-layer corrections from the single-layer measurements (see the module docstring)."""
+    gains, ratios = {}, []
+    for lp in plan.layers:
+        name = lp.spec.name
+        if name not in single or lp.decision.predicted_error <= 0 or lp.sensitivity <= 0:
+            continue
+        n, d = single[name]
+        E = n / d if d > 0 else 0.0
+        lp.measured_output_error = E
+        gain = E / lp.decision.predicted_error
+        gains[name] = gain
+        ratios.append(max(gain / lp.sensitivity, 1e-12))
+    if not gains:
+        return {}
+    total = sum(lp.measured_output_error or 0.0 for lp in plan.layers if lp.spec.name in gains)
+    interaction = measured / total if total > 0 else 1.0
+    median = statistics.median(ratios)
+    out = {}
+    for lp in plan.layers:
+        base = gains[lp.spec.name] / lp.sensitivity if lp.spec.name in gains and lp.sensitivity > 0 else median
+        out[lp.spec.name] = float(min(max(base * interaction, 1e-6), 1e6))
+    return out
+
+
+# =========================================================================== plan / apply
+@dataclass
+class Planned:
+    plan: Plan
+    model: Any = None
+
+
+def _open_data(fe: Frontend, calib, o: Options) -> tuple[Calib | None, Any]:
+    if calib is None:
+        fe.prepare(None)
+        return None, None
+    data = fe.calib(calib, o)
+    first = data.first()
+    if first is None:
+        raise ValueError("the calibration data yielded no batches")
+    fe.prepare(first)
+    return data, first
+
+
+def _calib_record(data: Calib | None) -> dict | None:
+    if data is None or data.counts is None:
+        return None
+    c = data.counts
+    out = {"samples": c["samples"], "batches": c["batches"]}
+    if c["holdout_batches"]:
+        out.update(holdout_samples=c["holdout_samples"], holdout_batches=c["holdout_batches"])
+    return out
+
+
+def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[str] = (), overrides: dict | None = None,
+             build: bool = True) -> Planned:
+    """Every stage: the plan, and (``build``) the emitted model of the round that was kept."""
+    o.check_frontend(fe.name)
+    data, first = _open_data(fe, calib, o)
+    try:
+        # ------------------------------------------------------------- find sites
+        sites = fe.sites()
+        notes = list(fe.notes)
+        apply_ignore(sites, ignore)
+        # ------------------------------------------------------------- observe
+        if data is not None:
+            obs = observe(fe, sites, data, o)
+            record_observation(sites, obs, o, notes)
+        else:
+            obs = None
+            notes.append("no calibration data: data-free fits (weight error), every layer weighted equally")
+            notes += fe.positions_without_data(sites, o.example_inputs)
+            if budget.flops is not None and o.example_inputs is None and any(
+                    "one position per sample" in n for n in notes):
+                raise ValueError("a flops budget needs input shapes: pass calib= (or example_inputs= for data-free "
+                                 "fits)")
+        model_params = fe.model_params(sites)
+        model_macs = max(fe.model_macs(sites, first if first is not None else o.example_inputs),
+                         sum(s.spec.macs for s in sites if s.spec.d_in))
+        # ------------------------------------------------------------- sensitivities
+        if obs is not None:
+            measure_sensitivities(fe, sites, obs.kept, o, notes)
+            obs.kept.clear()
+        # ------------------------------------------------------------- candidates
+        units = tuple(budget.limits({"params": float(model_params), "flops": float(model_macs)}))
+        choices = candidates(sites, units, o, data is not None, overrides or {}, o.progress)
+        for s in sites:
+            s.gram = None  # the candidates hold what the solver needs: the Grams can go
+        # ------------------------------------------------------------- solve
+        weights = [s.sensitivity for s in sites]
+        decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
+                           granularity=o.granularity, l=o.l)
+        plan = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
+                         calib=_calib_record(data), notes=notes, model_params=model_params, model_macs=model_macs,
+                         has_calib=data is not None)
+        if not build and (data is None or not o.holdout or o.init == "random"):
+            finish_unverified(plan, data, o)
+            return Planned(plan)
+        # ------------------------------------------------------------- fit, export, verify (⟲)
+        return close_loop(fe, sites, plan, choices, budget, data, o, model_params, model_macs, build)
+    finally:
+        if data is not None:
+            data.close()
+
+
+def finish_unverified(plan: Plan, data: Calib | None, o: Options) -> None:
+    why = ("no calibration data" if data is None else "init='random' builds fresh factors" if o.init == "random"
+           else "holdout=0" if not o.holdout else "no held-out batch (one batch of one sample)")
+    plan.verify = {"measured": None, "predicted": plan.totals["predicted_output_error"], "reason": why}
+    plan.notes.append(f"output error not measured: {why}")
+
+
+def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choices], budget: Budget,
+               data: Calib | None, o: Options, model_params: int, model_macs: int, build: bool) -> Planned:
+    """Fit, emit and measure the plan; while measured and predicted output errors disagree by more than
+    the tolerance, attribute the error to layers, correct their weights and solve again."""
+    rounds: list[dict] = []
+    best: tuple[float, Plan, Any] | None = None
+    can_verify = data is not None and o.holdout and o.init != "random"
+    current = plan
+    for r in range(o.rounds + 1 if can_verify else 1):
+        info = fit_and_rewrite(fe, sites, current, data, o)
+        emitted = fe.export(current)
+        if not can_verify:
+            finish_unverified(current, data, o)
+            fe.stamp(emitted, current)
+            return Planned(current, emitted if build else None)
+        ver = verify(fe, emitted, sites, current, data, o)
+        predicted = current.totals["predicted_output_error"]
+        if ver["measured"] is None:
+            finish_unverified(current, data, o)
+            current.verify["reason"] = "no held-out batch (one batch of one sample)"
+            current.notes[-1] = "output error not measured: no held-out batch (one batch of one sample)"
+            fe.stamp(emitted, current)
+            return Planned(current, emitted if build else None)
+        ratio = ratio_of(ver["measured"], predicted)
+        prev = rounds[-1]["decisions"] if rounds else None
+        now = {lp.spec.name: (lp.decision.method, lp.decision.size) for lp in current.layers}
+        rounds.append({"round": r, "predicted": predicted, "measured": ver["measured"], "ratio": ratio,
+                       "params": current.achieved().get("params"), "flops": current.achieved().get("flops"),
+                       "changed_layers": 0 if prev is None else sum(prev[k] != v for k, v in now.items()),
+                       "decisions": now, **info})
+        current.totals["measured_output_error"] = ver["measured"]
+        if best is None or ver["measured"] < best[0]:
+            best = (ver["measured"], current, emitted)
+        if within(ratio, o.tolerance) or r == o.rounds:
+            break
+        # ---- attribute the error to layers, correct their weights, solve again
+        factored = [s for s in sites if current[s.name].decision.method != "dense"]
+        with progress_bar("attributing", None, o.progress):
+            kept, have = [], 0
+            for batch in data.held_out():
+                if have >= max(o.sensitivity_samples, 1):
+                    break
+                kept.append(data.head(batch, max(o.sensitivity_samples, 1) - have))
+                have += data.size(kept[-1])
+            single = fe.single_layer_errors(factored, kept)
+        corr = corrections(current, single, ver["measured"])
+        if not corr:
+            break
+        weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
+        decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
+                           granularity=o.granularity, l=o.l)
+        nxt = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
+                        calib=current.calib, notes=list(plan.notes), model_params=model_params,
+                        model_macs=model_macs, has_calib=True)
+        for lp in nxt.layers:
+            lp.correction = corr.get(lp.spec.name, 1.0)
+            old = current[lp.spec.name]
+            lp.measured_output_error = old.measured_output_error if (old.decision.method, old.decision.size) == (
+                lp.decision.method, lp.decision.size) else None
+        nxt.recompute_totals(model_params, model_macs)
+        current = nxt
+    measured, chosen, emitted = best
+    for rr in rounds:
+        rr.pop("decisions")
+    kept_round = next(rr["round"] for rr in rounds if rr["measured"] == measured)
+    ratio = ratio_of(measured, chosen.totals["predicted_output_error"])
+    ver = {"predicted": chosen.totals["predicted_output_error"], "measured": measured, "ratio": ratio,
+           "samples": data.counts["holdout_samples"], "batches": data.counts["holdout_batches"],
+           "tolerance": o.tolerance, "rounds": rounds, "kept_round": kept_round, "closed": within(ratio, o.tolerance),
+           "warning": None}
+    if not ver["closed"]:
+        ver["warning"] = (f"measured output error {measured:.4g} is {ratio:.3g}× the predicted {ver['predicted']:.4g} "
+                          f"after {len(rounds)} round(s) (tolerance {o.tolerance:g}×): the per-layer predictions do "
+                          f"not hold on this model; check the result on your own metric")
+    chosen.verify = ver
+    if chosen is not plan and len(rounds) > 1:
+        chosen.notes.append(f"verify loop: kept round {kept_round} of {len(rounds)} (lowest measured output error)")
+    fe.stamp(emitted, chosen)
+    return Planned(chosen, emitted if build else None)
+
+
+def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
+    """Rewrite a copy of the model as ``plan`` says (refitting on ``calib``), emit it and verify it."""
+    import copy
+
+    o.check_frontend(fe.name)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"apply expects a sketchpass.Plan, got {type(plan).__name__} (use Plan.from_json)")
+    data, _ = _open_data(fe, calib, o)
+    try:
+        sites = {s.name: s for s in fe.sites()}
+        out = copy.deepcopy(plan)
+        out.verify = None
+        for lp in out.layers:
+            lp.decision.measured_error = None
+        for lp in out.layers:
+            d = lp.decision
+            if lp.spec.name not in sites:
+                if d.method != "dense":
+                    raise ValueError(f"layer {lp.spec.name!r} of the plan is not in this model (it has: "
+                                     f"{', '.join(list(sites)[:8])}...); was the plan made for another model?")
+                continue
+            s = sites[lp.spec.name]
+            if d.method == "dense":
+                continue
+            spec = s.spec
+            if (spec.d_in, spec.d_out, spec.groups) != (lp.spec.d_in, lp.spec.d_out, lp.spec.groups):
+                raise ValueError(f"layer {spec.name!r}: the plan expects {lp.spec.d_in}→{lp.spec.d_out} (groups "
+                                 f"{lp.spec.groups}), the model has {spec.d_in}→{spec.d_out} (groups {spec.groups})")
+            if s.skip is not None and not s.skip.factorable:
+                raise ValueError(f"layer {spec.name!r} cannot be factored here: {s.detail}")
+            s.skip = None
+        names = set(out.names())
+        fe_sites = [s for n, s in sites.items() if n in names]
+        info = fit_and_rewrite(fe, fe_sites, out, data if out.options.get("init") != "random" else None, o)
+        emitted = fe.export(out)
+        out.calib = _calib_record(data) if data is not None else None
+        if data is None or not o.holdout or out.options.get("init") == "random":
+            finish_unverified(out, data, o.replace(init=out.options.get("init", "auto")))
+        else:
+            ver = verify(fe, emitted, fe_sites, out, data, o)
+            predicted = out.totals.get("predicted_output_error", out.predicted_output_error())
+            if ver["measured"] is None:
+                finish_unverified(out, data, o)
+                out.verify["reason"] = "no held-out batch (one batch of one sample)"
+            else:
+                ratio = ratio_of(ver["measured"], predicted)
+                out.totals["measured_output_error"] = ver["measured"]
+                out.verify = {"predicted": predicted, "measured": ver["measured"], "ratio": ratio,
+                              "samples": ver["samples"], "batches": ver["batches"], "tolerance": o.tolerance,
+                              "rounds": [{"round": 0, "predicted": predicted, "measured": ver["measured"],
+                                          "ratio": ratio, **info}],
+                              "kept_round": 0, "closed": within(ratio, o.tolerance), "warning": None}
+                if not out.verify["closed"]:
+                    out.verify["warning"] = (f"measured output error {ver['measured']:.4g} is {ratio:.3g}× the "
+                                             f"predicted {predicted:.4g} (tolerance {o.tolerance:g}×): the plan's "
+                                             "per-layer predictions do not hold here; check the result on your "
+                                             "own metric")
+        fe.stamp(emitted, out)
+        return emitted
+    finally:
+        if data is not None:
+            data.close()
