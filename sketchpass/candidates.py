@@ -58,18 +58,29 @@ def max_size(spec: LayerSpec, method: str, units: tuple[str, ...]) -> int:
     return s
 
 
-def weight_groups(W: torch.Tensor, groups: int) -> list[torch.Tensor]:
-    """The im2col weight of each group, ``(d_out/g, d_in/g · hw)``."""
+def weight_groups(W: torch.Tensor, groups: int, out_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The im2col weight of each group, ``(d_out/g, d_in/g · hw)`` — times ``diag(out_scale)`` when the
+    layer's errors are weighed by a per-channel scale after it (:func:`~sketchpass.sketch.fit.fit_sketch`)."""
     Wm = W.detach().double().reshape(W.shape[0], -1)
+    if out_scale is not None:
+        Wm = Wm * out_scale.double().reshape(-1, 1)
     co = Wm.shape[0] // groups
     return [Wm[g * co:(g + 1) * co] for g in range(groups)]
 
 
-def svd_error_curve(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, weighted=None):
+def _scale_groups(out_scale, groups: int, d_out: int):
+    if out_scale is None:
+        return [None] * groups
+    co = d_out // groups
+    d = out_scale.double().reshape(-1)
+    return [d[g * co:(g + 1) * co] for g in range(groups)]
+
+
+def svd_error_curve(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, weighted=None, out_scale=None):
     """``rank -> predicted relative error`` of the whitened-SVD form (one SVD per group).  ``weighted``
     (optional): :func:`weighted_groups` of the layer, whose ``W_g C_g`` products are then reused."""
     tails, total = [], 0.0
-    for g, Wg in enumerate(weight_groups(W, spec.groups)):
+    for g, Wg in enumerate(weight_groups(W, spec.groups, out_scale)):
         WC = weighted[g][2] if weighted is not None else None
         s2 = svd_spectrum(Wg, None if grams is None else grams[g], WC=WC) ** 2
         tails.append(torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]))  # tails[i] = Σ_{j>=i} σ_j²
@@ -82,10 +93,11 @@ def svd_error_curve(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None
     return error
 
 
-def weighted_groups(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None):
-    """Per group ``(W_g, C_g, W_g C_g, tr(W_g C_g W_gᵀ))`` — shared by every sketch size of a layer."""
+def weighted_groups(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, out_scale=None):
+    """Per group ``(W_g, C_g, W_g C_g, tr(W_g C_g W_gᵀ))`` — shared by every sketch size of a layer (``W_g``
+    times ``diag(out_scale)`` when given)."""
     out = []
-    for g, Wg in enumerate(weight_groups(W, spec.groups)):
+    for g, Wg in enumerate(weight_groups(W, spec.groups, out_scale)):
         C = None if grams is None else grams[g]
         WC = None if C is None else Wg @ C
         out.append((Wg, C, WC, float((Wg * Wg).sum()) if C is None else float((WC * Wg).sum())))
@@ -93,23 +105,26 @@ def weighted_groups(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None
 
 
 def sketch_error(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, m: int, l: int, seed: int,
-                 dist: str, init: str, weighted=None) -> float:
+                 dist: str, init: str, weighted=None, out_scale=None) -> float:
     """Predicted relative error of the sketch form with ``m = l k`` rows: a real fit of the very
     sketches the layer will get (same seed and name)."""
     G, hw, k = spec.groups, spec.hw, m // l
     U1 = torch.from_numpy(sketch_matrix(seed, spec.name, "U1", (G, m, spec.d_out // G), k, dist))
     U2 = torch.from_numpy(sketch_matrix(seed, spec.name, "U2", (G, m, spec.d_in // G), k, dist))
     num = den = 0.0
-    for g, (Wg, C, WC, d) in enumerate(weighted or weighted_groups(spec, W, grams)):
+    raw = weight_groups(W, spec.groups)
+    scales = _scale_groups(out_scale, G, spec.d_out)
+    for g, (_Wd, C, WC, d) in enumerate(weighted or weighted_groups(spec, W, grams, out_scale)):
         fit_init = init if (init != "calibrated" or C is not None) else "lstsq"
-        _, _, e = fit_sketch(Wg, U1[g], U2[g], l, hw, fit_init, C, WC=WC, return_error=True)
+        _, _, e = fit_sketch(raw[g], U1[g], U2[g], l, hw, fit_init, C, WC=WC, return_error=True,
+                             out_scale=scales[g])
         num += e
         den += d
     return num / den if den > 0 else 0.0
 
 
 def nested_sketch_errors(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, ms: list[int], l: int,
-                         seed: int, dist: str, init: str, weighted=None) -> dict[int, float] | None:
+                         seed: int, dist: str, init: str, weighted=None, out_scale=None) -> dict[int, float] | None:
     """Predicted relative errors of the optimal sketch fits (``"calibrated"``, or ``"lstsq"`` data-free)
     for every size in ``ms`` at about the cost of the largest one; ``None`` where this shortcut does
     not apply (the caller then fits size by size with :func:`sketch_error`).
@@ -126,7 +141,7 @@ def nested_sketch_errors(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor |
     d_out, d_in, hw = spec.d_out, spec.d_in, spec.hw
     if max(ms) >= d_out or max(ms) > d_in or any(m % l for m in ms):
         return None  # P = I, or an over-complete input sketch (pseudo-inverse fits): size by size
-    Wg, C, WC, total = (weighted or weighted_groups(spec, W, grams))[0]
+    Wg, C, WC, total = (weighted or weighted_groups(spec, W, grams, out_scale))[0]  # Wg = D W with out_scale
     if total <= 0:
         return None
     M = max(ms)
@@ -135,7 +150,8 @@ def nested_sketch_errors(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor |
     WCm = Wg if C is None else WC
     K = kron_gram(C, U2, hw)  # (M·hw)², rows ordered (sketch row, kernel position)
     Lk, info = torch.linalg.cholesky_ex(_damped(K, DEFAULT_DAMP))
-    Q, Rq = torch.linalg.qr(U1.T)  # (d_out, M): Q[:, :m] spans the first m rows of U1
+    A = U1.T if out_scale is None else U1.T * out_scale.double().reshape(-1, 1)  # D A in the weighted space
+    Q, Rq = torch.linalg.qr(A)  # (d_out, M): Q[:, :m] spans the first m columns of (D) U1ᵀ
     diag = Rq.diagonal().abs()
     if int(info) != 0 or float(diag.min()) <= 1e-10 * float(diag.max()):
         return None
@@ -154,21 +170,21 @@ def nested_sketch_errors(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor |
 
 
 def form_error(spec: LayerSpec, W: torch.Tensor, grams, method: str, size: int, *, l: int = 1, seed: int = 0,
-               dist: str = "rademacher", init: str = "calibrated") -> float:
+               dist: str = "rademacher", init: str = "calibrated", out_scale=None) -> float:
     if method == "svd":
-        return svd_error_curve(spec, W, grams)(size)
-    return sketch_error(spec, W, grams, size, l, seed, dist, init)
+        return svd_error_curve(spec, W, grams, out_scale=out_scale)(size)
+    return sketch_error(spec, W, grams, size, l, seed, dist, init, out_scale=out_scale)
 
 
 def svd_forms(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, units, granularity: int,
-              weighted=None) -> list[Form]:
-    error = svd_error_curve(spec, W, grams, weighted)
+              weighted=None, out_scale=None) -> list[Form]:
+    error = svd_error_curve(spec, W, grams, weighted, out_scale)
     return [Form("svd", r, spec.form_params("svd", r), spec.form_macs("svd", r), error(r))
             for r in size_grid(max_size(spec, "svd", units), granularity)]
 
 
 def sketch_forms(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, units, granularity: int, l: int,
-                 seed: int, dist: str, init: str, max_sizes: int, weighted=None) -> list[Form]:
+                 seed: int, dist: str, init: str, max_sizes: int, weighted=None, out_scale=None) -> list[Form]:
     """Sketch candidates with sizes ``m = l k``, ``k`` on the grid, on at most ``max_sizes`` sizes."""
     limit = max_size(spec, "sketch", units)
     ks = [k for k in size_grid(limit // l + 1, granularity) if k * l < limit]
@@ -176,8 +192,9 @@ def sketch_forms(spec: LayerSpec, W: torch.Tensor, grams: torch.Tensor | None, u
         idx = sorted({round(i * (len(ks) - 1) / (max_sizes - 1)) for i in range(max_sizes)})
         ks = [ks[i] for i in idx]
     if ks and weighted is None:
-        weighted = weighted_groups(spec, W, grams)
-    nested = nested_sketch_errors(spec, W, grams, [k * l for k in ks], l, seed, dist, init, weighted) or {}
+        weighted = weighted_groups(spec, W, grams, out_scale)
+    nested = nested_sketch_errors(spec, W, grams, [k * l for k in ks], l, seed, dist, init, weighted,
+                                  out_scale) or {}
     return [Form("sketch", k * l, spec.form_params("sketch", k * l), spec.form_macs("sketch", k * l),
                  nested[k * l] if k * l in nested else sketch_error(spec, W, grams, k * l, l, seed, dist, init,
-                                                                    weighted)) for k in ks]
+                                                                    weighted, out_scale)) for k in ks]

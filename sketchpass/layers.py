@@ -158,7 +158,7 @@ class SKLinear(_SKBase):
     @classmethod
     def from_dense(cls, linear: nn.Linear, k: int, l: int = 1, init: str = "sketch", seed: int = 0,
                    gram: torch.Tensor | None = None, *, name: str = "", dist: str = "rademacher",
-                   damp: float | None = None) -> SKLinear:
+                   damp: float | None = None, out_scale: torch.Tensor | None = None) -> SKLinear:
         """Approximate a trained ``nn.Linear``.
 
         ``init``: ``"sketch"`` (the paper's unbiased projection), ``"lstsq"`` (best ``S`` for these
@@ -176,7 +176,7 @@ class SKLinear(_SKBase):
                     name=name, dist=dist, device=W.device, dtype=W.dtype)
         if init != "random":
             kw = {} if damp is None else {"damp": damp}
-            S1, S2 = fit_sketch(W, layer.U1, layer.U2, layer.l, 1, init, gram, **kw)
+            S1, S2 = fit_sketch(W, layer.U1, layer.U2, layer.l, 1, init, gram, **kw, out_scale=out_scale)
             with torch.no_grad():
                 layer.S1.copy_(S1)
                 layer.S2.copy_(S2)
@@ -286,10 +286,11 @@ class _SKConvNd(_SKBase):
     @classmethod
     def from_dense(cls, conv, k: int, l: int = 1, init: str = "sketch", seed: int = 0,
                    gram: torch.Tensor | None = None, *, name: str = "", dist: str = "rademacher",
-                   damp: float | None = None):
+                   damp: float | None = None, out_scale: torch.Tensor | None = None):
         """Approximate a trained conv.  ``gram`` is the im2col input Gram per group: shape
         ``(groups, n, n)`` or ``(n, n)`` for ``groups=1``, ``n = in_channels/groups · prod(kernel)``,
-        in the order of ``conv.weight.reshape(out, -1)``."""
+        in the order of ``conv.weight.reshape(out, -1)``; ``out_scale`` weighs the output channels
+        (:func:`~sketchpass.sketch.fit.fit_sketch`)."""
         if not isinstance(conv, cls._dense_cls):
             raise TypeError(f"{cls.__name__}.from_dense expects an {cls._dense_cls.__name__}, got "
                             f"{type(conv).__name__}")
@@ -323,7 +324,8 @@ class _SKConvNd(_SKBase):
         with torch.no_grad():
             for g in range(G):
                 S1, S2 = fit_sketch(Wm[g * co:(g + 1) * co], layer.U1[g], layer.U2[g], layer.l, layer.hw, init,
-                                    None if grams is None else grams[g], **kw)
+                                    None if grams is None else grams[g], **kw,
+                                    out_scale=None if out_scale is None else out_scale[g * co:(g + 1) * co])
                 layer.S1[g * m:(g + 1) * m].copy_(S1.reshape(m, *layer.S1.shape[1:]))
                 layer.S2[g * co:(g + 1) * co].copy_(S2.reshape(co, *layer.S2.shape[1:]))
             if conv.bias is not None:
@@ -466,21 +468,38 @@ def with_weight(mod: nn.Module, W: torch.Tensor) -> nn.Module:
 
 def factor_module(dense: nn.Module, method: str, *, rank: int | None = None, k: int | None = None, l: int = 1,
                   name: str = "", seed: int = 0, dist: str = "rademacher", init: str = "calibrated",
-                  gram: torch.Tensor | None = None, wc: torch.Tensor | None = None) -> nn.Module:
+                  gram: torch.Tensor | None = None, wc: torch.Tensor | None = None,
+                  out_scale: torch.Tensor | None = None) -> nn.Module:
     """The one constructor from a dense layer and a decision to its factored module (both frontends).
 
     ``method="svd"``: the whitened low-rank chain of ``rank``; ``"sketch"``: SK layer with ``k``, ``l``,
     sketches keyed by ``(seed, name)``.  ``gram``: the (shrunk) input Grams ``(groups, n, n)``, ``None``
     for data-free fits; ``wc``: ``weight @ gram`` per group when known.  ``init``: ``"calibrated"``
-    (``"lstsq"`` when ``gram`` is ``None``), ``"lstsq"``, ``"sketch"`` or ``"random"`` (fresh factors)."""
+    (``"lstsq"`` when ``gram`` is ``None``), ``"lstsq"``, ``"sketch"`` or ``"random"`` (fresh factors).
+
+    ``out_scale`` (``d_out`` values): the layer's output is scaled per channel right after it (an
+    inference-mode BatchNorm), so its error is weighed by that scale: the svd form is fitted to ``D W``
+    and its last factor divided by ``D`` again (the same chain, the error of ``D W`` minimised); the sketch
+    form is fitted in the scaled space (:func:`~sketchpass.sketch.fit.fit_sketch`)."""
     t = dense_type(dense)
     linear = t is nn.Linear
     g = None if gram is None else (gram[0] if linear and gram.dim() == 3 else gram)
     if method == "svd":
+        if out_scale is not None and init != "random":
+            d = out_scale.to(torch.float64).reshape(-1)
+            shape = (-1,) + (1,) * (dense.weight.dim() - 1)
+            scaled = with_weight(dense, dense.weight.detach().double() * d.reshape(shape))
+            if wc is not None:
+                wc = wc * d.reshape(wc.shape[0], -1, 1) if wc.dim() == 3 else wc * d.reshape(-1, 1)
+            mod = _LR[t].from_dense(scaled, rank, gram=g, wc=None if wc is None else (wc[0] if linear else wc))
+            with torch.no_grad():
+                w = mod[1].weight
+                w.copy_((w.double() / d.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype))
+            return mod
         return _LR[t].from_dense(dense, rank, gram=None if init == "random" else g,
                                  wc=None if wc is None or init == "random" else (wc[0] if linear else wc))
     if method == "sketch":
         use = "lstsq" if init == "calibrated" and g is None else init
         return _SK[t].from_dense(dense, k, l, init=use, seed=seed, gram=g if use == "calibrated" else None,
-                                 name=name, dist=dist)
+                                 name=name, dist=dist, out_scale=None if use in ("random", "sketch") else out_scale)
     raise ValueError(f"method {method!r} does not build a module (expected 'svd' or 'sketch')")

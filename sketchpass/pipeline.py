@@ -249,11 +249,13 @@ def _accumulate(acc: CrossGramAccumulator, site: Site, x: LayerInput, xh: LayerI
 def _build(site: Site, d: Decision, o_plan: dict, seed: int, init: str, grams=None, weight=None, wc=None):
     dense = site.dense if weight is None else with_weight(site.dense, weight)
     return factor_module(dense, d.method, rank=d.rank, k=d.k, l=d.l or 1, name=site.name, seed=seed,
-                         dist=o_plan.get("dist", "rademacher"), init=init, gram=grams, wc=wc)
+                         dist=o_plan.get("dist", "rademacher"), init=init, gram=grams, wc=wc,
+                         out_scale=site.extra.get("out_scale"))
 
 
 def _finite(acc: CrossGramAccumulator) -> bool:
-    parts = [acc.hat._gram, acc.hat.sum, acc.hat.fourth, acc.sum] + [t for t in (acc.cross, acc.wcross) if t is not None]
+    parts = [acc.hat._gram, acc.hat.sum, acc.hat.fourth, acc.sum]
+    parts += [t for t in (acc.cross, acc.wcross) if t is not None]
     return all(bool(torch.isfinite(t).all()) for t in parts)
 
 
@@ -493,8 +495,9 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         plan = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
                          calib=_calib_record(data), notes=notes, model_params=model_params, model_macs=model_macs,
                          has_calib=data is not None)
-        if not build and (data is None or not o.holdout or o.init == "random"):
-            finish_unverified(plan, data, o)
+        nothing_held = data is not None and not (data.counts or {}).get("holdout_batches")
+        if not build and (data is None or not o.holdout or o.init == "random" or nothing_held):
+            finish_unverified(plan, data, o)  # nothing to measure: no need to fit now
             return Planned(plan)
         # ------------------------------------------------------------- fit, export, verify (⟲)
         return close_loop(fe, sites, plan, choices, budget, data, o, model_params, model_macs, build)
@@ -505,7 +508,7 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
 
 def finish_unverified(plan: Plan, data: Calib | None, o: Options) -> None:
     why = ("no calibration data" if data is None else "init='random' builds fresh factors" if o.init == "random"
-           else "holdout=0" if not o.holdout else "no held-out batch (one batch of one sample)")
+           else "holdout=0" if not o.holdout else "nothing to hold out (one batch of one sample)")
     plan.verify = {"measured": None, "predicted": plan.totals["predicted_output_error"], "reason": why}
     plan.notes.append(f"output error not measured: {why}")
 
@@ -529,8 +532,6 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         predicted = current.totals["predicted_output_error"]
         if ver["measured"] is None:
             finish_unverified(current, data, o)
-            current.verify["reason"] = "no held-out batch (one batch of one sample)"
-            current.notes[-1] = "output error not measured: no held-out batch (one batch of one sample)"
             fe.stamp(emitted, current)
             return Planned(current, emitted if build else None)
         ratio = ratio_of(ver["measured"], predicted)
@@ -634,7 +635,6 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
             predicted = out.totals.get("predicted_output_error", out.predicted_output_error())
             if ver["measured"] is None:
                 finish_unverified(out, data, o)
-                out.verify["reason"] = "no held-out batch (one batch of one sample)"
             else:
                 ratio = ratio_of(ver["measured"], predicted)
                 out.totals["measured_output_error"] = ver["measured"]

@@ -151,6 +151,7 @@ def candidates(sites: list[Site], units: tuple[str, ...], o: Options, has_calib:
                 continue
             grams = s.gram.shrunk(o.shrink) if s.gram is not None else None
             W = s.weight
+            d = s.extra.get("out_scale")  # errors weighed by a per-channel scale after the layer (BatchNorm)
             ov = resolve_override(spec, s.kind, overrides)
             if ov is not ...:
                 if ov is None:
@@ -160,19 +161,20 @@ def candidates(sites: list[Site], units: tuple[str, ...], o: Options, has_calib:
                     if size < 1 or (m == "svd" and size > spec.max_rank()) or (m == "sketch" and size % o.l):
                         raise ValueError(f"override for {spec.name!r}: size {size} is not valid for {m} (rank in "
                                          f"[1, {spec.max_rank()}]; sketch m a multiple of l={o.l})")
-                    err = form_error(spec, W, grams, m, size, l=o.l, seed=o.seed, dist=o.dist, init=fit_init)
+                    err = form_error(spec, W, grams, m, size, l=o.l, seed=o.seed, dist=o.dist, init=fit_init,
+                                     out_scale=d)
                     f = Form(m, size, spec.form_params(m, size), spec.form_macs(m, size), err)
                     out.append(Choices(spec, decision_of(f, o.l, reason="size set by override")))
                 adv(1, spec.name)
                 continue
             forms: list[Form] = []
             # the W_g C_g products, shared by the SVD spectrum and every sketch fit of the layer
-            weighted = weighted_groups(spec, W, grams) if o.method == "auto" and grams is not None else None
+            weighted = weighted_groups(spec, W, grams, d) if o.method == "auto" and grams is not None else None
             if o.method in ("auto", "svd"):
-                forms += svd_forms(spec, W, grams, units, o.granularity, weighted)
+                forms += svd_forms(spec, W, grams, units, o.granularity, weighted, d)
             if o.method in ("auto", "sketch"):
                 forms += sketch_forms(spec, W, grams, units, o.granularity, o.l, o.seed, o.dist, fit_init,
-                                      sketch_sizes, weighted)
+                                      sketch_sizes, weighted, d)
             if forms:
                 out.append(Choices(spec, forms=forms))
             else:

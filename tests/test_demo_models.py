@@ -25,6 +25,12 @@ def _check(model, calib, example, budget=0.5, method="svd"):
     ref = ref if isinstance(ref, torch.Tensor) else ref[0]
     out = out if isinstance(out, torch.Tensor) else out[0]
     assert out.shape == ref.shape and torch.isfinite(out).all()
+    v = small.sketchpass_plan.verify
+    rel = float((out - ref).double().square().sum() / ref.double().square().sum())
+    if v["measured"] is None:  # one calibration sample: nothing to hold out, and the plan says so
+        assert "nothing to hold out" in v["reason"] and "not measured" in small.sketchpass_plan.report()
+    else:  # the error the plan measured on held-out data is what a fresh input of the same kind sees
+        assert v["measured"] / 10 < rel < 10 * v["measured"], (rel, v)
     again = sp.apply(model, sp.Plan.from_json(p.to_json()), calib=calib)
     sd1, sd2 = small.state_dict(), again.state_dict()
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)

@@ -97,6 +97,7 @@ class TorchFrontend:
         self.notes: list[str] = []
         self._sites: list[Site] = []
         self._channels_last = False
+        self._data: Calib | None = None
         self._replaced: dict[str, nn.Module] = {}
         self._order: list[str] | None = None
 
@@ -107,9 +108,10 @@ class TorchFrontend:
                             f"DataLoader); got {type(calib).__name__}")
         single = isinstance(calib, (torch.Tensor, dict)) or (isinstance(calib, tuple) and all(
             isinstance(t, torch.Tensor) for t in calib))
-        return Calib(lambda: iter_batches(calib), size=batch_size, split=_split, holdout=o.holdout,
-                     max_batches=o.max_batches, reiterable=single or not one_shot(calib),
-                     max_bytes=o.max_activation_mb * 2**20)
+        self._data = Calib(lambda: iter_batches(calib), size=batch_size, split=_split, holdout=o.holdout,
+                           max_batches=o.max_batches, reiterable=single or not one_shot(calib),
+                           max_bytes=o.max_activation_mb * 2**20)
+        return self._data
 
     def prepare(self, first) -> None:
         self.cap = capture(self.model, self.mode, example=first)
@@ -118,17 +120,58 @@ class TorchFrontend:
         self.notes = list(self.cap.notes)
         self._sites = find_sites(self.cap)
         self.notes = list(self.cap.notes)
+        if self.cap.graph is not None:
+            folded = self._batchnorms()
+            if folded:
+                self.notes.append(f"{folded} conv(s) followed by an inference-mode BatchNorm: their errors are "
+                                  "weighed and measured after the BatchNorm (as in an export that folds it)")
         if self.cap.capture == "modules":
             self.notes.append("modules capture: the sequential refit runs the model up to every layer it fits (its "
                               "cost grows with the square of the depth)")
         if first is not None:
             self._channels_last = channels_last_ok(self.cap.model, first)
+            if self._channels_last and self._data is not None:  # the passes run faster in that layout
+                self._data.prepare = to_channels_last
             if self.cap.capture == "modules":
                 self._order = self._call_order(first)
 
-    def wrap(self, data: Calib) -> None:
-        if self._channels_last:
-            data.prepare = to_channels_last
+    def _batchnorms(self) -> int:
+        """Convs whose only use is an inference-mode BatchNorm: the error that matters is the one after it,
+        ``diag(s)(Ŵ − W)x`` with ``s = γ/√(σ² + ε)``, so such a site gets ``out_scale = s`` (its fits and
+        predicted errors weigh the output channels by it), its output is observed at the BatchNorm, and its
+        bias for relative errors is the folded one ``s (b − μ) + β``.  The emitted model keeps the BatchNorm."""
+        gm = self.cap.model
+        calls: dict[str, list] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                calls.setdefault(n.target, []).append(n)
+        count = 0
+        for site in self._sites:
+            if site.skip is not None or not site.spec.op.startswith("conv") or len(calls.get(site.ref, ())) != 1:
+                continue
+            node = calls[site.ref][0]
+            users = list(node.users)
+            if len(users) != 1 or users[0].op != "call_module" or len(calls.get(users[0].target, ())) != 1:
+                continue
+            u = users[0]
+            bn = gm.get_submodule(u.target)
+            if (not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.running_var is None
+                    or bn.num_features != site.spec.d_out or not u.args or u.args[0] is not node):
+                continue
+            with torch.no_grad():
+                s = (bn.weight.double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64))
+                s = s / torch.sqrt(bn.running_var.double() + bn.eps)
+                b = site.bias.double() if site.bias is not None else torch.zeros_like(s)
+                beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(s)
+                site.bias = (b - bn.running_mean.double()) * s + beta
+            site.extra["out_scale"] = s
+            site.extra["out_module"] = u.target
+            count += 1
+        return count
+
+    def _out(self, root: nn.Module, site: Site) -> nn.Module:
+        """The module whose output is the site's output as the pipeline measures it (BatchNorm-aware)."""
+        return root.get_submodule(site.extra.get("out_module", site.ref))
 
     def _call_order(self, batch) -> list[str]:
         order: list[str] = []
@@ -179,7 +222,8 @@ class TorchFrontend:
 
     def sensitivities(self, sites, batches, probes, seed) -> dict[str, float]:
         try:
-            return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed)
+            return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed,
+                                  module_of=lambda st: self._out(self.cap.model, st))
         except RuntimeError as exc:  # e.g. in-place ops on tensors autograd needs: no backward through the model
             first = " ".join(str(exc).split())[:160]
             raise SensitivityUnavailable(f"sensitivities could not be measured (backward through the model "
@@ -264,7 +308,7 @@ class TorchFrontend:
         was = emitted.training
         emitted.eval()
         try:
-            return fo.compare(self.cap.model, emitted, batch, sites, self._module_in)
+            return fo.compare(self.cap.model, emitted, batch, sites, self._out)
         finally:
             emitted.train(was)
 

@@ -133,6 +133,7 @@ def fit_sketch(
     *,
     WC: torch.Tensor | None = None,
     return_error: bool = False,
+    out_scale: torch.Tensor | None = None,
 ):
     """Trainable factors ``(S1, S2)`` for a dense weight ``W`` and fixed sketches ``U1, U2``.
 
@@ -148,6 +149,12 @@ def fit_sketch(
       :func:`shrink_gram` instead); when ``B C Bᵀ`` is singular (``m > d_in``, or Cholesky fails on
       a rank-deficient ``C``) it uses the pseudo-inverse, i.e. the minimum-norm solution.  Exact
       when ``m ≥ d_out`` with ``U1`` of full rank, or ``m ≥ d_in`` with ``C`` positive definite.
+
+    ``out_scale`` (optional, ``d`` of length ``d_out``) weighs the output channels: the calibrated and
+    lstsq fits then minimise ``tr(D (Ŵ-W) C (Ŵ-W)ᵀ D)`` with ``D = diag(d)`` — the error after a per-channel
+    scale that follows the layer (an inference-mode BatchNorm).  That is the same fit in the scaled space,
+    ``W_d = D W`` and ``A_d = D A``, with ``T = D⁻¹ T_d``; ``WC`` is then ``D W C`` and the error returned is
+    the weighted one.
 
     ``WC`` (optional) is ``W @ gram``, precomputed when fitting many sizes of one layer.  With
     ``return_error=True`` the result is ``(S1, S2, e)`` where ``e = tr(ΔCΔᵀ)`` (``C = I`` when no
@@ -168,10 +175,15 @@ def fit_sketch(
         if not return_error:
             return S1, S2
         D = sketch_materialize(S1, S2, U1, U2, l, hw) - W
+        if out_scale is not None:
+            D = D * _f64(out_scale).reshape(-1, 1)
         e = float((D * D).sum()) if gram is None else float(((D @ _f64(gram)) * D).sum())
         return S1, S2, e
     C = _f64(gram) if (init == "calibrated" and gram is not None) else None
     A = U1.T / (2.0 * l)  # (d_out, m)
+    if out_scale is not None:  # the same fit in the output-scaled space (docstring)
+        dv = _f64(out_scale).reshape(-1, 1)
+        W, A = W * dv, A * dv
     A_pinv = torch.linalg.pinv(A)  # (m, d_out)
     WCm = W if C is None else (_f64(WC) if WC is not None else W @ C)
     R = W - A @ (A_pinv @ W)  # (I - P) W
@@ -184,9 +196,11 @@ def fit_sketch(
         # B C Bᵀ has rank <= d_in·hw < m·hw when the input-mode sketch is over-complete (m > d_in).
         T = _spd_solve_right(RCB, kron_gram(C, U2, hw), damp, singular=m > U2.shape[1])
     S1 = A_pinv @ (W - kron_left(T, U2, hw))
+    e = float((RC * R).sum()) - (0.0 if RCB is None else float((T * RCB).sum()))
+    if out_scale is not None:
+        T = T / dv
     if not return_error:
         return S1, 2.0 * l * T
-    e = float((RC * R).sum()) - (0.0 if RCB is None else float((T * RCB).sum()))
     return S1, 2.0 * l * T, max(e, 0.0)
 
 
