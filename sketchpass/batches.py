@@ -171,6 +171,7 @@ def prefer_channels_last(model: torch.nn.Module, batches: list) -> list:
 
 # --------------------------------------------------------------------------- the stream
 FIT, HELD = "fit", "held"
+_END = object()
 
 
 def one_shot(source: Any) -> bool:
@@ -201,23 +202,33 @@ class Calib:
         self._cache: Store | None = None if reiterable else Store(max_bytes, "calibration batches")
         self._cached = 0
         self._complete = False
+        self._it = None
         self.counts: dict[str, int] | None = None  # after a full pass: batches/samples of each role
 
     # ------------------------------------------------------------------ raw batches
     def _raw(self) -> Iterator[Any]:
-        if self._cache is not None and self._complete:
-            for i in range(self._cached):
-                yield self._cache.get(i)
+        if self._cache is None:  # read the source again
+            for i, batch in enumerate(self._open()):
+                if self.max_batches is not None and i >= self.max_batches:
+                    break
+                yield batch
             return
-        for i, batch in enumerate(self._open()):
-            if self.max_batches is not None and i >= self.max_batches:
+        # a one-shot source: what was read is replayed from the store, the rest read once, in order
+        if self._it is None:
+            self._it = iter(self._open())
+        for i in range(self._cached):
+            yield self._cache.get(i)
+        while not self._complete:
+            if self.max_batches is not None and self._cached >= self.max_batches:
+                self._complete = True
                 break
-            if self._cache is not None:
-                self._cache.put(i, batch)
-                self._cached = i + 1
+            batch = next(self._it, _END)
+            if batch is _END:
+                self._complete = True
+                break
+            self._cache.put(self._cached, batch)
+            self._cached += 1
             yield batch
-        if self._cache is not None:
-            self._complete = True
 
     def first(self) -> Any:
         """The first batch (raw), or ``None`` when there is none."""

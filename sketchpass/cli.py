@@ -143,7 +143,7 @@ def _compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     small = sp.transform(model, budget, calib=args.calib, method=args.method, seed=args.seed, ignore=args.ignore or (),
                          batch_size=args.batch_size, max_batches=args.max_batches, u_storage=args.u_storage,
-                         progress=_progress(args))
+                         rounds=args.rounds, tolerance=args.tolerance, progress=_progress(args))
     t1 = time.perf_counter()
     final = spx.plan_of(small)
     spx.save(small, out)
@@ -331,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the fixed sketch matrices are stored in the file (default float)")
     c.add_argument("--batch-size", type=int, default=32, help="calibration samples per batch (default 32)")
     c.add_argument("--max-batches", type=int, default=None, help="use at most this many calibration batches")
+    c.add_argument("--rounds", type=int, default=2, help="re-solves of the verify loop when the measured output "
+                   "error and the predicted one disagree by more than --tolerance (default 2; 0 = measure only)")
+    c.add_argument("--tolerance", type=float, default=3.0, help="factor between measured and predicted output "
+                   "error that the verify loop accepts (default 3)")
     c.add_argument("--report", help="write a JSON report (plan, achieved budget, sizes, times)")
     c.add_argument("--plot", help="write a plot of the plan (params and errors per layer), e.g. r.png")
     c.add_argument("--force", action="store_true", help="overwrite existing output, report and plot files")

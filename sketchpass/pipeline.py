@@ -542,7 +542,7 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                        "changed_layers": 0 if prev is None else sum(prev[k] != v for k, v in now.items()),
                        "decisions": now, **info})
         current.totals["measured_output_error"] = ver["measured"]
-        if best is None or ver["measured"] < best[0]:
+        if best is None or ver["measured"] <= best[0]:  # a tie goes to the later round (its prediction is corrected)
             best = (ver["measured"], current, emitted)
         if within(ratio, o.tolerance) or r == o.rounds:
             break
@@ -557,11 +557,16 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                 have += data.size(kept[-1])
             single = fe.single_layer_errors(factored, kept)
         corr = corrections(current, single, ver["measured"])
+        rounds[-1]["alone"] = {lp.spec.name: lp.measured_output_error for lp in current.layers
+                               if lp.measured_output_error is not None}
         if not corr:
             break
         weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
         decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
                            granularity=o.granularity, l=o.l)
+        if [(d.method, d.size) for d in decisions] == [(lp.decision.method, lp.decision.size) for lp in current.layers]:
+            rounds[-1]["note"] = "the corrected weights give the same plan"
+            break
         nxt = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
                         calib=current.calib, notes=list(plan.notes), model_params=model_params,
                         model_macs=model_macs, has_calib=True)
@@ -582,9 +587,10 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
            "tolerance": o.tolerance, "rounds": rounds, "kept_round": kept_round, "closed": within(ratio, o.tolerance),
            "warning": None}
     if not ver["closed"]:
+        why = (rounds[-1].get("note") or f"{len(rounds)} round(s)") if o.rounds else "rounds=0"
         ver["warning"] = (f"measured output error {measured:.4g} is {ratio:.3g}× the predicted {ver['predicted']:.4g} "
-                          f"after {len(rounds)} round(s) (tolerance {o.tolerance:g}×): the per-layer predictions do "
-                          f"not hold on this model; check the result on your own metric")
+                          f"(tolerance {o.tolerance:g}×; verify loop: {why}): the per-layer predictions do not hold on "
+                          f"this model; check the result on your own metric")
     chosen.verify = ver
     if chosen is not plan and len(rounds) > 1:
         chosen.notes.append(f"verify loop: kept round {kept_round} of {len(rounds)} (lowest measured output error)")

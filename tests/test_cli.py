@@ -91,6 +91,25 @@ def test_compress_prints_the_plan_table(files, capsys, tmp_path):
     assert "no calibration data" in stdout  # data-free is said in the report
 
 
+def test_compress_warns_in_one_line_when_measured_and_predicted_disagree(files, capsys, tmp_path):
+    """A tolerance of 1 (no disagreement accepted) and no loop rounds: the gap stays open, the file is still
+    written (exit 0) and stderr says so in one warning line."""
+    d, src = files
+    out = tmp_path / "w.onnx"
+    code, stdout, err = _run(capsys, "compress", src, "-o", out, "--budget", "params=0.5", "--calib",
+                             d / "calib.npz", "--rounds", "0", "--tolerance", "1", "-q")
+    assert code == 0 and out.exists(), err
+    warn = [line for line in err.splitlines() if line.startswith("sketchpass: warning: ")]
+    assert len(warn) == 1 and "× the predicted" in warn[0] and "rounds=0" in warn[0]
+    assert spx_plan(out).verify["warning"] in warn[0]
+
+
+def spx_plan(path):
+    import sketchpass.onnx as spx
+
+    return spx.plan_of(str(path))
+
+
 def test_inspect_lists_layers_and_skip_reasons(files, capsys):
     d, src = files
     code, stdout, err = _run(capsys, "inspect", src, "--json", "-q")

@@ -20,6 +20,7 @@ from sketchpass.onnx.feeds import graph_inputs  # noqa: E402
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 NAMES = sorted(os.path.basename(f)[len("light_"):-len(".onnx")] for f in glob.glob(f"{LIGHT}/light_*.onnx"))
+assert len(NAMES) >= 9, f"the onnx package's light models were not found under {LIGHT}"
 DATA_FREE = {"bvlc_alexnet", "zfnet512", "vgg19"}  # 25088/9216-wide FC inputs: Grams would dominate
 
 
@@ -42,6 +43,9 @@ def test_light_model_rewrites_and_runs(name):
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     out = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     assert [o.shape for o in out] == [r.shape for r in ref]
-    assert all(np.isfinite(o).all() for o in out if np.isfinite(ref[0]).all())
+    # placeholder weights (one constant per tensor) are rank one: every factored form reproduces them
+    for o, r in zip(out, ref):
+        assert np.isfinite(r).all()
+        np.testing.assert_allclose(o, r, rtol=1e-3, atol=1e-6)
     # the real inputs are kept; IR 3 initializer-inputs of weights that were replaced are gone
     assert [(i.name, i.shape) for i in graph_inputs(small)] == [(i.name, i.shape) for i in graph_inputs(m)]
