@@ -518,7 +518,7 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
     """Fit, emit and measure the plan; while measured and predicted output errors disagree by more than
     the tolerance, attribute the error to layers, correct their weights and solve again."""
     rounds: list[dict] = []
-    best: tuple[float, Plan, Any] | None = None
+    results: list[tuple[float, Plan, Any, bool]] = []  # (measured, plan, emitted, closed) of every round
     can_verify = data is not None and o.holdout and o.init != "random"
     current = plan
     for r in range(o.rounds + 1 if can_verify else 1):
@@ -542,8 +542,7 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                        "changed_layers": 0 if prev is None else sum(prev[k] != v for k, v in now.items()),
                        "decisions": now, **info})
         current.totals["measured_output_error"] = ver["measured"]
-        if best is None or ver["measured"] <= best[0]:  # a tie goes to the later round (its prediction is corrected)
-            best = (ver["measured"], current, emitted)
+        results.append((ver["measured"], current, emitted, within(ratio, o.tolerance)))
         if within(ratio, o.tolerance) or r == o.rounds:
             break
         # ---- attribute the error to layers, correct their weights, solve again
@@ -577,10 +576,14 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                 lp.decision.method, lp.decision.size) else None
         nxt.recompute_totals(model_params, model_macs)
         current = nxt
-    measured, chosen, emitted = best
+    # the round with the lowest measured error; within 5% of it, one whose prediction held, the later first
+    low = min(k[0] for k in results)
+    near = [i for i, k in enumerate(results) if k[0] <= 1.05 * low]
+    kept_round = max(near, key=lambda i: (results[i][3], i))
+    measured, chosen, emitted, _ = results[kept_round]
+    del results
     for rr in rounds:
         rr.pop("decisions")
-    kept_round = next(rr["round"] for rr in rounds if rr["measured"] == measured)
     ratio = ratio_of(measured, chosen.totals["predicted_output_error"])
     ver = {"predicted": chosen.totals["predicted_output_error"], "measured": measured, "ratio": ratio,
            "samples": data.counts["holdout_samples"], "batches": data.counts["holdout_batches"],
@@ -593,7 +596,8 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                           f"this model; check the result on your own metric")
     chosen.verify = ver
     if chosen is not plan and len(rounds) > 1:
-        chosen.notes.append(f"verify loop: kept round {kept_round} of {len(rounds)} (lowest measured output error)")
+        chosen.notes.append(f"verify loop: kept round {kept_round} of {len(rounds)} (lowest measured output error, "
+                            "or within 5% of it with a prediction that held)")
     fe.stamp(emitted, chosen)
     return Planned(chosen, emitted if build else None)
 
