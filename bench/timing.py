@@ -1,8 +1,10 @@
 """Time the PyTorch pass on torchvision ResNet-50 (random weights) with 64 calibration images at 224².
 
 Each method runs in a fresh Python process — what a user pays, one-time costs (kernel generation,
-first allocations) included — and is timed as ``sp.plan`` then ``sp.apply``.  Prints a table and
-writes ``docs/timing.json``.  Run it alone on the machine (other CPU-heavy processes distort the
+first allocations) included — and is timed as one ``sp.transform``: observe, sensitivities, candidates,
+solve, fit with sequential refit, emit, verify on the held-out batch (and the verify loop's extra rounds,
+counted in ``rounds``).  The process's peak resident memory (``ru_maxrss``) is recorded.  Prints a table
+and writes ``docs/timing.json``.  Run it alone on the machine (other CPU-heavy processes distort the
 numbers badly)::
 
     python bench/timing.py            # default: methods auto (the default of sp.plan) and svd, params=0.5
@@ -25,6 +27,7 @@ def run_one(args) -> dict:
     """One plan + apply in this process; the result row."""
     import torch
     import torchvision
+    from common import verify_record
 
     import sketchpass as sp
 
@@ -32,16 +35,22 @@ def run_one(args) -> dict:
     model = getattr(torchvision.models, args.model)().eval()
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(args.batch, 3, args.res, args.res, generator=g) for _ in range(args.images // args.batch)]
+    import resource
+
     t0 = time.perf_counter()
-    p = sp.plan(model, args.budget, calib=calib, method=args.one)
-    t1 = time.perf_counter()
-    small = sp.apply(model, p, calib=calib)
+    small = sp.transform(model, args.budget, calib=calib, method=args.one)
     t2 = time.perf_counter()
+    p = small.sketchpass_plan
+    v = p.verify or {}
     forms = {}
     for lp in small.sketchpass_plan.layers:
         forms[lp.decision.method] = forms.get(lp.decision.method, 0) + 1
     return {"model": args.model, "method": args.one, "budget": args.budget, "images": args.images, "res": args.res,
-            "plan_s": round(t1 - t0, 2), "apply_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
+            "total_s": round(t2 - t0, 2), "rounds": len(v.get("rounds", [])),
+            "predicted_output_error": v.get("predicted"), "measured_output_error": v.get("measured"),
+            "verify_record": verify_record(p, f"torchvision {args.model} (random weights)",
+                                           f"{args.budget} ({args.one})", "torch"),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "achieved": {k: round(v, 4) for k, v in p.achieved().items()}, "forms": forms,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "torch_threads": torch.get_num_threads()}
@@ -72,14 +81,14 @@ def main() -> None:
                                                              for a in (f"--{k}", str(v))]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    table = Table(title=f"{args.model}: plan + apply, {args.images} images at {args.res}², {os.cpu_count()} CPUs, "
+    table = Table(title=f"{args.model}: sp.transform, {args.images} images at {args.res}², {os.cpu_count()} CPUs, "
                         "each method in a fresh process")
-    for col in ("method", "budget", "achieved params", "forms", "plan s", "apply s", "total s"):
+    for col in ("method", "budget", "achieved params", "forms", "verify rounds", "transform s", "peak RSS MB"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["method"], r["budget"], f"{r['achieved'].get('params', 0):.4f}",
-                      " ".join(f"{k} {v}" for k, v in sorted(r["forms"].items())), f"{r['plan_s']:.1f}",
-                      f"{r['apply_s']:.1f}", f"{r['total_s']:.1f}")
+                      " ".join(f"{k} {v}" for k, v in sorted(r["forms"].items())), str(r["rounds"]),
+                      f"{r['total_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
     Console().print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import verify_record
 from torch import nn
 
 import sketchpass as sp
@@ -107,6 +108,7 @@ def run(model, label, budget, calib, eval_batches, ref, **kw) -> dict:
            "verify_rounds": [{k: r.get(k) for k in ("round", "predicted", "measured", "ratio", "changed_layers")}
                              for r in v.get("rounds", [])],
            "verify_closed": v.get("closed"), "verify_warning": v.get("warning"),
+           "verify_record": verify_record(p, "all-MiniLM-L6-v2", f"params={budget:g} ({label})", "torch"),
            "ranks": {lp.spec.name: lp.decision.rank for lp in p.layers if lp.decision.method == "svd"},
            **metrics(embed(small, eval_batches), ref)}
     print(f"  {label:8s} params={budget:g}: achieved {row['achieved_params']:.4f}, cosine {row['mean_cosine']:.4f}, "

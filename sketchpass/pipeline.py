@@ -581,7 +581,6 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
     near = [i for i, k in enumerate(results) if k[0] <= 1.05 * low]
     kept_round = max(near, key=lambda i: (results[i][3], i))
     measured, chosen, emitted, _ = results[kept_round]
-    del results
     for rr in rounds:
         rr.pop("decisions")
     ratio = ratio_of(measured, chosen.totals["predicted_output_error"])
