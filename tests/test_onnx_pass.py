@@ -257,6 +257,14 @@ def test_skip_inside_if_subgraph():
     np.testing.assert_allclose(run(small, {"x": x, "c": np.array(True)})[0], run(m, {"x": x, "c": np.array(True)})[0],
                                rtol=1e-5)
     assert any("inside a subgraph" in n for n in p.notes)
+    # the sequential refit runs the graph in segments: the If's branches read x and z from the outer scope
+    calib = [{"x": np.random.default_rng(i).standard_normal((2, 4)).astype(np.float32), "c": np.array(i % 2 == 0)}
+             for i in range(4)]
+    full = spx.transform(m, sp.Budget(params=10**12), calib=calib, overrides={"outer": 3})
+    for c in (True, False):
+        np.testing.assert_allclose(run(full, {"x": x, "c": np.array(c)})[0], run(m, {"x": x, "c": np.array(c)})[0],
+                                   rtol=1e-4, atol=1e-5)
+    assert spx.plan_of(full).verify["measured"] < 1e-8
 
 
 def test_skip_integer_weight():

@@ -22,32 +22,30 @@ import onnx
 from .observe import session
 
 
+def _subgraphs(n: onnx.NodeProto):
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
 def _subgraph_refs(g: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads from the enclosing scope (used but not defined inside it)."""
     defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-    used: set[str] = set()
     for n in g.node:
         defined.update(n.output)
+    used = {o.name for o in g.output}
     for n in g.node:
-        used.update(i for i in n.input if i)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                used |= _subgraph_refs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    used |= _subgraph_refs(sg)
-    used.update(o.name for o in g.output)
+        used |= node_reads(n)
     return used - defined
 
 
 def node_reads(n: onnx.NodeProto) -> set[str]:
+    """The tensors node ``n`` reads: its inputs and what its subgraphs read from outside them."""
     out = {i for i in n.input if i}
-    for a in n.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out |= _subgraph_refs(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for sg in a.graphs:
-                out |= _subgraph_refs(sg)
+    for g in _subgraphs(n):
+        out |= _subgraph_refs(g)
     return out
 
 
