@@ -262,6 +262,7 @@ def _demo(args: argparse.Namespace) -> int:
     dense_acc = accuracy(model, "dense")
     dense_params = sum(p.numel() for p in model.parameters())
     rows = []
+    warnings_seen: list[str] = []
     for b in budgets:
         t0 = time.perf_counter()
         small = sp.transform(model, sp.Budget(params=b), calib=calib, method=args.method, seed=args.seed, progress=show)
@@ -276,6 +277,8 @@ def _demo(args: argparse.Namespace) -> int:
                      "seconds": round(secs, 2), "forms": forms, "predicted_output_error": t["predicted_output_error"],
                      "measured_output_error": (plan.verify or {}).get("measured")})
         err.print(f"params={b:g}: {acc:.2f}% in {secs:.1f} s")
+        if (plan.verify or {}).get("warning"):
+            warnings_seen.append(f"params={b:g}: {plan.verify['warning']}")
     from rich.table import Table
 
     table = Table(title=f"sketchpass demo: pretrained MNIST CNN ({dense_params:,} params, {dense_acc:.2f}% on the "
@@ -293,6 +296,8 @@ def _demo(args: argparse.Namespace) -> int:
                       f"{r['predicted_output_error']:.4f} / {'—' if meas is None else format(meas, '.4f')}",
                       f"{r['seconds']:.1f}", r["forms"])
     _console().print(table)
+    for w in warnings_seen:
+        err.print(f"warning: {w}", markup=False)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "demo.json", json.dumps({"dense_accuracy": dense_acc, "dense_params": dense_params,
                                                      "method": args.method, "calib_n": args.calib_n,
