@@ -68,3 +68,37 @@ def test_svd_curve_reuses_the_weighted_product():
     for r in (1, 5, 12):
         assert abs(plain(r) - shared(r)) < 1e-12
     assert torch.allclose(svd_spectrum(Wm, grams[0]), svd_spectrum(Wm, grams[0], WC=Wm @ grams[0]))
+
+
+def test_output_weighted_fits_minimise_the_weighted_error_and_the_predictions_match():
+    """With ``out_scale`` (a per-channel scale after the layer, e.g. a BatchNorm) the svd and sketch fits
+    minimise the error after that scale: their weighted error is below the plain fits', and the nested
+    sketch shortcut predicts what a real weighted fit gives."""
+    from sketchpass.layers import factor_module
+    from sketchpass.sketch.fit import relative_error
+
+    g = torch.Generator().manual_seed(3)
+    spec = LayerSpec("w", "linear", 40, 24)
+    lin = torch.nn.Linear(40, 24, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 40, generator=g))
+    X = torch.randn(500, 40, generator=g, dtype=torch.float64)
+    C = X.T @ X
+    d = torch.logspace(-1.5, 1, 24, dtype=torch.float64)[torch.randperm(24, generator=g)]
+    Wd = lin.weight.double() * d[:, None]
+
+    def weighted(mod):
+        return relative_error(Wd, mod.materialize().double() * d[:, None], C)
+
+    for method, size in (("svd", {"rank": 6}), ("sketch", {"k": 8})):
+        plain = factor_module(lin, method, gram=C[None], name="w", **size)
+        aware = factor_module(lin, method, gram=C[None], name="w", out_scale=d, **size)
+        assert weighted(aware) < 0.9 * weighted(plain), method
+    errs = nested_sketch_errors(spec, lin.weight, C[None], [8, 16], 1, 0, "rademacher", "calibrated", out_scale=d)
+    for m in (8, 16):
+        one = sketch_error(spec, lin.weight, C[None], m, 1, 0, "rademacher", "calibrated", out_scale=d)
+        assert errs[m] == pytest.approx(one, rel=1e-6)
+        got = weighted(factor_module(lin, "sketch", k=m, gram=C[None], name="w", out_scale=d))
+        assert got == pytest.approx(one, rel=1e-4)
+    assert svd_error_curve(spec, lin.weight, C[None], out_scale=d)(6) == pytest.approx(
+        weighted(factor_module(lin, "svd", rank=6, gram=C[None], out_scale=d)), rel=1e-6)
