@@ -117,6 +117,42 @@ def _map_tensors(batch: Any, fn) -> Any:
     return batch
 
 
+def _named_leaves(batch: Any) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        return [("input 0", batch)]
+    if isinstance(batch, (tuple, list)):
+        return [(f"input {j}", t) for j, t in enumerate(batch) if isinstance(t, torch.Tensor)]
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return [(f"input {k!r}", t) for k, t in dict(batch).items() if isinstance(t, torch.Tensor)]
+    return []
+
+
+def check_batch(batch: Any, index: int, dtype: torch.dtype | None, notes: list[str]) -> Any:
+    """Validate one torch calibration batch at the edge: an empty batch or NaN / inf in a floating-point
+    tensor is an error naming the batch and the input; floating-point tensors of another precision than
+    the model's are cast to it (said once in ``notes``); integer tensors (token ids) are left alone."""
+    if not isinstance(batch, (torch.Tensor, tuple, list, dict)) and not hasattr(batch, "keys"):
+        raise TypeError(f"calibration batch {index}: a batch must be a tensor, a tuple/list of tensors or a dict of "
+                        f"keyword arguments; got {type(batch).__name__}")
+    leaves = _named_leaves(batch)
+    for name, t in leaves:
+        if t.dim() and t.shape[0] == 0:
+            raise ValueError(f"calibration batch {index}: {name} is empty (shape {list(t.shape)}: no samples)")
+        if torch.is_floating_point(t):
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            if bad:
+                raise ValueError(f"calibration batch {index}: {name} has {bad:,} NaN or inf value(s) of {t.numel():,}; "
+                                 "calibration data must be finite")
+    if dtype is None or not any(torch.is_floating_point(t) and t.dtype != dtype for _, t in leaves):
+        return batch
+    for name, t in leaves:
+        if torch.is_floating_point(t) and t.dtype != dtype:
+            note = f"calibration {name} given as {t.dtype}, cast to the model's {dtype}"
+            if note not in notes:
+                notes.append(note)
+    return _map_tensors(batch, lambda t: t.to(dtype) if torch.is_floating_point(t) else t)
+
+
 def _is_image(t: torch.Tensor) -> bool:
     return t.dim() == 4 and torch.is_floating_point(t) and t.device.type == "cpu"
 
@@ -188,7 +224,8 @@ def one_shot(source: Any) -> bool:
 class Calib:
     """Calibration batches, split into fitting and held-out ones, read again on every pass.
 
-    ``open`` returns a fresh iterator of validated batches (the frontend's: torch batches or ONNX feeds);
+    ``open(notes)`` returns a fresh iterator of validated batches (the frontend's: torch batches or ONNX
+    feeds), appending to ``notes`` what the plan should say about the data (e.g. a cast);
     ``size(batch)`` counts its samples and ``split(batch, n)`` cuts it into its first ``n`` samples and
     the rest.  ``prepare`` (optional) turns a raw batch into what the passes use (e.g. channels-last);
     it can be set after the first batch has been looked at (:meth:`first`)."""
@@ -199,6 +236,7 @@ class Calib:
         self._open, self._size, self._split = open, size, split
         self.holdout, self.max_batches = int(holdout), max_batches
         self.prepare: Callable[[Any], Any] | None = None
+        self.notes: list[str] = []
         self._cache: Store | None = None if reiterable else Store(max_bytes, "calibration batches")
         self._cached = 0
         self._complete = False
@@ -208,14 +246,14 @@ class Calib:
     # ------------------------------------------------------------------ raw batches
     def _raw(self) -> Iterator[Any]:
         if self._cache is None:  # read the source again
-            for i, batch in enumerate(self._open()):
+            for i, batch in enumerate(self._open(self.notes)):
                 if self.max_batches is not None and i >= self.max_batches:
                     break
                 yield batch
             return
         # a one-shot source: what was read is replayed from the store, the rest read once, in order
         if self._it is None:
-            self._it = iter(self._open())
+            self._it = iter(self._open(self.notes))
         for i in range(self._cached):
             yield self._cache.get(i)
         while not self._complete:

@@ -47,8 +47,11 @@ class Budget:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"Budget {unit}= must be a number, got {type(value).__name__}")
         value = float(value)
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"Budget {unit}={value} must be > 0: a fraction in (0, 1] or an absolute count > 1")
+        if not math.isfinite(value):
+            raise ValueError(f"Budget {unit}={value} is not a finite number; give a fraction in (0, 1] or an absolute "
+                             f"count > 1")
+        if value <= 0:
+            raise ValueError(f"Budget {unit}={value:g} must be > 0: a fraction in (0, 1] or an absolute count > 1")
         return value
 
     @classmethod
@@ -72,6 +75,8 @@ class Budget:
                 values[key] = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
             except ValueError:
                 raise ValueError(f"budget {text!r}: {key}={raw!r} is not a number") from None
+            if not math.isfinite(values[key]):
+                raise ValueError(f"budget {text!r}: {key}={raw!r} is not a finite number")
         if not values:
             raise ValueError(f"budget {text!r} is empty; expected e.g. 'params=0.5'")
         return cls(**values)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .store import default_mode
+
 
 class UsageError(ValueError):
     """A problem with the user's input, reported as one line."""
@@ -84,6 +86,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -97,7 +100,25 @@ def _budget(text: str):
     try:
         return Budget.parse(text)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"--budget {text!r}: {exc} (examples: params=0.5, flops=0.6, params=0.5,flops=0.7)") from None
+        msg = str(exc) if repr(text) in str(exc) else f"budget {text!r}: {exc}"
+        raise UsageError(f"--{msg} (examples: params=0.5, flops=0.6, params=0.5,flops=0.7)") from None
+
+
+def _read_plan(path: str):
+    from .plan import Plan
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"plan file {path!r} does not exist" if not p.exists()
+                         else f"plan path {path!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"plan file {path!r} is not text (a sketchpass plan is JSON)") from None
+    try:
+        return Plan.from_json(text)
+    except ValueError as exc:
+        raise UsageError(f"plan file {path!r}: {exc}") from None
 
 
 def _onnx_module():
@@ -112,12 +133,24 @@ def _progress(args) -> bool | None:
     return False if args.quiet else None
 
 
+def _nothing_to_compress(spx, model) -> str | None:
+    import onnx_graphsurgeon as gs
+
+    from .onnx.match import nothing_to_compress
+
+    graph = gs.import_onnx(model)
+    return nothing_to_compress(graph, spx.find_sites(graph, model))
+
+
 # --------------------------------------------------------------------------- compress
 def _compress(args: argparse.Namespace) -> int:
     import sketchpass as sp
 
     inp = _check_input(args.input)
-    budget = _budget(args.budget)
+    if (args.budget is None) == (args.plan is None):
+        raise UsageError("give --budget (plan and compress) or --plan (apply a stored plan), one of the two")
+    budget = _budget(args.budget) if args.budget is not None else None
+    plan = _read_plan(args.plan) if args.plan is not None else None
     out = _check_output(args.output, inp, args.force, "output")
     report = _check_output(args.report, inp, args.force, "report")
     plot = _check_output(args.plot, inp, args.force, "plot")
@@ -140,10 +173,18 @@ def _compress(args: argparse.Namespace) -> int:
     err = _console(stderr=True)
     before = inp.stat().st_size
     model = spx.load(str(inp))
+    nothing = _nothing_to_compress(spx, model)
+    if nothing:
+        raise UsageError(f"{inp}: {nothing}")
     t0 = time.perf_counter()
-    small = sp.transform(model, budget, calib=args.calib, method=args.method, seed=args.seed, ignore=args.ignore or (),
-                         batch_size=args.batch_size, max_batches=args.max_batches, u_storage=args.u_storage,
-                         rounds=args.rounds, tolerance=args.tolerance, progress=_progress(args))
+    if plan is not None:
+        small = sp.apply(model, plan, calib=args.calib, batch_size=args.batch_size, max_batches=args.max_batches,
+                         u_storage=args.u_storage, progress=_progress(args))
+    else:
+        small = sp.transform(model, budget, calib=args.calib, method=args.method, seed=args.seed,
+                             ignore=args.ignore or (), batch_size=args.batch_size, max_batches=args.max_batches,
+                             u_storage=args.u_storage, rounds=args.rounds, tolerance=args.tolerance,
+                             progress=_progress(args))
     t1 = time.perf_counter()
     final = spx.plan_of(small)
     spx.save(small, out)
@@ -151,7 +192,8 @@ def _compress(args: argparse.Namespace) -> int:
     if not args.quiet:
         sys.stdout.write(final.report(width=_width()))
     v = final.verify or {}
-    summary = {"input": str(inp), "output": str(out), "budget": args.budget, "achieved": final.achieved(),
+    summary = {"input": str(inp), "output": str(out), "budget": args.budget or final.budget, "plan_file": args.plan,
+               "achieved": final.achieved(),
                "bytes_before": before, "bytes_after": size, "pass_s": round(t1 - t0, 3), "u_storage": args.u_storage,
                "calib": args.calib, "predicted_output_error": final.totals.get("predicted_output_error"),
                "measured_output_error": v.get("measured"), "verify_warning": v.get("warning")}
@@ -165,7 +207,8 @@ def _compress(args: argparse.Namespace) -> int:
     ach = ", ".join(f"{k}={v:.4f}" for k, v in final.achieved().items())
     meas = (f"; output error measured {v['measured']:.4g} (predicted {v['predicted']:.4g})"
             if v.get("measured") is not None else "; output error not measured")
-    err.print(f"wrote {out} ({size:,} bytes, input {before:,} bytes); achieved {ach} for budget {args.budget}"
+    asked = args.budget or ", ".join(f"{k}={v:g}" for k, v in final.budget.items())
+    err.print(f"wrote {out} ({size:,} bytes, input {before:,} bytes); achieved {ach} for budget {asked}"
               f"{meas}; {t1 - t0:.1f} s" + (f"; report {report}" if report else "")
               + (f"; plot {plot}" if plot else ""))
     if v.get("warning"):
@@ -196,9 +239,17 @@ def _inspect(args: argparse.Namespace) -> int:
                      "sensitivity": lp.sensitivity if args.calib else None})
     t = p.totals
     fact = [r for r in rows if r["factorable"]]
-    summary = {"file": str(inp), "bytes": inp.stat().st_size, "params": t["params_before"], "macs": t["macs_before"],
+    import onnx_graphsurgeon as gs
+
+    from .onnx.match import weight_stats
+
+    graph = gs.import_onnx(model)
+    _, weight_bytes, int_weights = weight_stats(graph, spx.find_sites(graph, model))
+    summary = {"file": str(inp), "bytes": inp.stat().st_size, "params": t["params_before"],
+               "weight_bytes": weight_bytes, "integer_params": int_weights, "macs": t["macs_before"],
                "layers": len(rows), "factorable_layers": len(fact),
-               "factorable_params": sum(r["params"] for r in fact), "notes": p.notes}
+               "factorable_params": sum(r["params"] for r in fact), "notes": p.notes,
+               "nothing_to_compress": next((n for n in p.notes if n.startswith("nothing to compress")), None)}
     if args.json:
         print(json.dumps({"summary": summary, "layers": rows}, indent=1))
         return 0
@@ -215,7 +266,9 @@ def _inspect(args: argparse.Namespace) -> int:
     con.print(table)
     share = summary["factorable_params"] / max(summary["params"], 1)
     con.print(f"{len(fact)} of {len(rows)} weight layers can be factored; they hold {summary['factorable_params']:,} "
-              f"of {summary['params']:,} params ({share:.1%}); MACs/sample {summary['macs']:,}", markup=False)
+              f"of {summary['params']:,} params ({share:.1%}; all weights {weight_bytes:,} bytes"
+              + (f", {int_weights:,} of the params integer" if int_weights else "")
+              + f"); MACs/sample {summary['macs']:,}", markup=False)
     for n in p.notes:
         con.print(f"note: {n}", markup=False)
     return 0
@@ -325,8 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress an ONNX file under a budget")
     c.add_argument("input", help="the ONNX file to compress (only ever read)")
     c.add_argument("-o", "--output", required=True, help="where to write the compressed ONNX file")
-    c.add_argument("--budget", required=True, help="params=0.5, flops=0.6 or params=0.5,flops=0.7 (fractions of "
+    c.add_argument("--budget", help="params=0.5, flops=0.6 or params=0.5,flops=0.7 (fractions of "
                    "the model, or absolute counts > 1)")
+    c.add_argument("--plan", help="apply this stored plan (JSON, e.g. the 'plan' of a --report, or a plan made on the "
+                   "PyTorch model) instead of planning; replaces --budget")
     c.add_argument("--calib", help=".npz with one array per model input (samples along axis 0); without it the "
                    "fits are data-free")
     c.add_argument("--method", default="auto", choices=("auto", "sketch", "svd"))
@@ -367,20 +422,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM unwinds like Ctrl-C (temporary files are removed on the way out); SIGXFSZ (a file-size limit,
+    a full quota) is ignored so that the write fails with an OSError instead of killing the process."""
+    import signal
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _install_signal_handlers()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("sketchpass: interrupted", file=sys.stderr)
-        return 130
-    except (UsageError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"sketchpass: {what}; nothing was written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except (UsageError, ValueError, OSError, ImportError, RuntimeError) as exc:
+        # ValueError (and InfeasibleBudgetError) is how the library reports bad input; OSError a failed read
+        # or write; RuntimeError what ONNX Runtime raises for a model it cannot run
         if args.debug:
             raise
         print(f"sketchpass: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except Exception as exc:  # an internal error: still one line, with a pointer to --debug
+    except Exception as exc:  # an internal error (a bug): still one line, with a pointer to --debug
         if args.debug:
             raise
         print(f"sketchpass: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the "
@@ -390,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] ..." reads better without the number
+        text = " ".join(exc.strerror.split())
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
     return text or type(exc).__name__

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from .batches import Calib
-from .budget import Budget
+from .budget import Budget, InfeasibleBudgetError
 from .calib import CrossGramAccumulator, GramAccumulator
 from .layers import factor_module, with_weight
 from .options import Options
@@ -82,6 +82,9 @@ class Frontend(Protocol):
         """Every weight layer, in execution order, with a skip reason where it cannot be factored."""
 
     def model_params(self, sites: list[Site]) -> int: ...
+
+    def nothing_to_compress(self, sites: list[Site]) -> str | None:
+        """``None`` when some site can be factored, else one sentence saying what was found and why none can."""
 
     def model_macs(self, sites: list[Site], batch: Any) -> int:
         """MACs per sample of the whole model, at the shapes of ``batch`` (``None``: the model's own)."""
@@ -464,6 +467,9 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         sites = fe.sites()
         notes = list(fe.notes)
         apply_ignore(sites, ignore)
+        nothing = fe.nothing_to_compress(sites)
+        if nothing:
+            notes.append(nothing)
         # ------------------------------------------------------------- observe
         if data is not None:
             obs = observe(fe, sites, data, o)
@@ -477,6 +483,7 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
                 raise ValueError("a flops budget needs input shapes: pass calib= (or example_inputs= for data-free "
                                  "fits)")
         model_params = fe.model_params(sites)
+        notes += [n for n in fe.notes if n not in notes]
         model_macs = max(fe.model_macs(sites, first if first is not None else o.example_inputs),
                          sum(s.spec.macs for s in sites if s.spec.d_in))
         # ------------------------------------------------------------- sensitivities
@@ -490,8 +497,13 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
             s.gram = None  # the candidates hold what the solver needs: the Grams can go
         # ------------------------------------------------------------- solve
         weights = [s.sensitivity for s in sites]
-        decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
-                           granularity=o.granularity, l=o.l)
+        try:
+            decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
+                               granularity=o.granularity, l=o.l)
+        except InfeasibleBudgetError as exc:
+            raise InfeasibleBudgetError(f"{exc} — {nothing}" if nothing else str(exc)) from None
+        if data is not None:
+            notes += [n for n in data.notes if n not in notes]
         plan = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
                          calib=_calib_record(data), notes=notes, model_params=model_params, model_macs=model_macs,
                          has_calib=data is not None)
@@ -628,7 +640,8 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
             spec = s.spec
             if (spec.d_in, spec.d_out, spec.groups) != (lp.spec.d_in, lp.spec.d_out, lp.spec.groups):
                 raise ValueError(f"layer {spec.name!r}: the plan expects {lp.spec.d_in}→{lp.spec.d_out} (groups "
-                                 f"{lp.spec.groups}), the model has {spec.d_in}→{spec.d_out} (groups {spec.groups})")
+                                 f"{lp.spec.groups}), the model has {spec.d_in}→{spec.d_out} (groups {spec.groups}); "
+                                 "was the plan made for another model?")
             if s.skip is not None and not s.skip.factorable:
                 raise ValueError(f"layer {spec.name!r} cannot be factored here: {s.detail}")
             s.skip = None

@@ -43,6 +43,7 @@ class SkipReason(str, Enum):
     WEIGHT_RANK = "weight-rank"  # an N-D constant MatMul operand
     SUBGRAPH = "subgraph"  # inside If / Loop / Scan
     NOT_FLOAT = "not-float"
+    UNSUPPORTED_DTYPE = "unsupported-dtype"  # e.g. bfloat16 weights in an ONNX graph
     QUANTIZED = "quantized"
     SHAPE_MISMATCH = "shape-mismatch"
     IGNORED = "ignored"  # by the user's ignore= rules

@@ -106,6 +106,20 @@ def apply_ignore(sites: Iterable[Site], rules: list[str]) -> None:
                 s.set_skip(SkipReason.IGNORED, f"ignored by user ({hit!r})")
 
 
+def nothing_to_compress(sites: list[Site]) -> str | None:
+    """``None`` when some layer can be factored; else one sentence counting the layers found by op type
+    and why none qualifies."""
+    if any(s.skip is None or s.skip.factorable for s in sites):
+        return None
+    if not sites:
+        return "nothing to compress: the model has no Linear or Conv layer with a weight"
+    by: dict[tuple[str, str], int] = {}
+    for s in sites:
+        by[(s.kind, s.skip.value)] = by.get((s.kind, s.skip.value), 0) + 1
+    found = ", ".join(f"{c} {kind} ({why})" for (kind, why), c in sorted(by.items()))
+    return f"nothing to compress: found {found}, and none of them can be factored"
+
+
 def fit_init_of(init: str, has_calib: bool) -> str:
     """The init whose errors size the layers: calibrated with data, lstsq without (``init="auto"``).
 

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .store import default_mode
+
 
 def _pyplot():
     try:
@@ -35,6 +37,7 @@ def _save(fig, path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=suffix.lstrip(".") or "png")
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -19,6 +19,14 @@ import numpy as np
 import torch
 
 
+def default_mode(path) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` would: 0666 less the
+    umask, so that an atomically written output is as readable as any other file the user writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def nbytes(value: Any, seen: set | None = None) -> int:
     """Bytes of tensor/array data in a nested value (storages shared between tensors counted once)."""
     seen = set() if seen is None else seen

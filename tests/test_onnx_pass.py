@@ -416,8 +416,14 @@ def test_calib_wrong_names_and_shapes():
         spx.plan(m, sp.Budget(params=0.5), calib=[{"input": np.zeros(shape, np.float32)}])
     with pytest.raises(ValueError, match=r"has shape \[2, 5, 9, 10\].*expects x: float32 \[N, 6, 9, 10\]"):
         spx.plan(m, sp.Budget(params=0.5), calib=[{"x": np.zeros([2, 5, 9, 10], np.float32)}])
-    with pytest.raises(ValueError, match="dtype int64"):
-        spx.plan(m, sp.Budget(params=0.5), calib=[{"x": np.zeros(shape, np.int64)}])
+    # integers for a float input are cast (the plan says so once); NaN / inf are refused, naming the input
+    ints = [{"x": np.random.default_rng(i).integers(0, 255, shape)} for i in range(3)]
+    p = spx.plan(m, sp.Budget(params=0.5), calib=ints)
+    assert sum("given as int64, cast to float32" in n for n in p.notes) == 1
+    bad = np.zeros(shape, np.float32)
+    bad[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(ValueError, match=r"calibration batch 1: input 'x' has 3 NaN or inf value\(s\)"):
+        spx.plan(m, sp.Budget(params=0.5), calib=[{"x": np.ones(shape, np.float32)}, {"x": bad}])
 
 
 def test_calib_npz_and_dynamic_width(tmp_path):

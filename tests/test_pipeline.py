@@ -26,7 +26,7 @@ ROOT = Path(sp.__file__).parent
 
 # --------------------------------------------------------------------------- held-out batches
 def _calib(batches, holdout=8, reiterable=True):
-    return Calib(lambda: iter(batches), size=lambda b: b.shape[0], split=_split, holdout=holdout,
+    return Calib(lambda notes: iter(batches), size=lambda b: b.shape[0], split=_split, holdout=holdout,
                  reiterable=reiterable)
 
 
@@ -63,7 +63,7 @@ def test_one_shot_sources_are_read_once_and_replayed():
 
     c = _calib(None, reiterable=False)
     it = gen()
-    c._open = lambda: it
+    c._open = lambda notes: it
     first = [b.clone() for b in c.fit()]
     again = list(c.fit())
     assert len(reads) == 5 and all(torch.equal(a, b) for a, b in zip(first, again))

@@ -24,6 +24,7 @@ from ..batches import (
     batch_size,
     call_model,
     channels_last_ok,
+    check_batch,
     iter_batches,
     one_shot,
     slice_batch,
@@ -108,7 +109,13 @@ class TorchFrontend:
                             f"DataLoader); got {type(calib).__name__}")
         single = isinstance(calib, (torch.Tensor, dict)) or (isinstance(calib, tuple) and all(
             isinstance(t, torch.Tensor) for t in calib))
-        self._data = Calib(lambda: iter_batches(calib), size=batch_size, split=_split, holdout=o.holdout,
+        dtype = next((p.dtype for p in self.model.parameters() if torch.is_floating_point(p)), None)
+
+        def open_batches(notes):
+            for i, b in enumerate(iter_batches(calib)):
+                yield check_batch(b, i, dtype, notes)
+
+        self._data = Calib(open_batches, size=batch_size, split=_split, holdout=o.holdout,
                            max_batches=o.max_batches, reiterable=single or not one_shot(calib),
                            max_bytes=o.max_activation_mb * 2**20)
         return self._data
@@ -187,6 +194,11 @@ class TorchFrontend:
 
     def sites(self) -> list[Site]:
         return self._sites
+
+    def nothing_to_compress(self, sites) -> str | None:
+        from ..planner import nothing_to_compress
+
+        return nothing_to_compress(sites)
 
     def model_params(self, sites) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())

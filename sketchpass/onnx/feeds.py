@@ -10,12 +10,15 @@
 
 Every batch is checked against the model's inputs (names, rank, static dims, dtype kind) and a
 ``ValueError`` names the expected inputs with their shapes and dtypes next to what was given.
-Floating-point arrays of another precision are cast to the input's dtype (likewise integers).
+Arrays of another dtype are cast to the input's when that is safe (integers or booleans for a float input,
+e.g. uint8 images; floats of another precision; integers of another width), and the plan's notes say so
+once; floats for an integer input, empty batches and NaN or inf values are refused.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -63,8 +66,13 @@ def _to_numpy(v):
     return np.asarray(v)
 
 
-def check_feed(feed, inputs: list[InputInfo], where: str) -> dict[str, np.ndarray]:
-    """Validate one batch; returns the feed as numpy arrays of the inputs' dtypes."""
+def check_feed(feed, inputs: list[InputInfo], where: str, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Validate one batch; returns the feed as numpy arrays of the inputs' dtypes.
+
+    Refused: wrong names, ranks or static dims, a dtype that cannot be cast safely (floats for an integer
+    input), an empty batch, NaN or inf in a floating-point input.  Cast (and said once in ``notes``):
+    integers or booleans for a floating-point input (e.g. uint8 images), floats of another precision,
+    integers of another width."""
     if not isinstance(feed, Mapping):
         if len(inputs) == 1 and (isinstance(feed, np.ndarray) or hasattr(feed, "detach")):
             feed = {inputs[0].name: feed}
@@ -87,19 +95,29 @@ def check_feed(feed, inputs: list[InputInfo], where: str) -> dict[str, np.ndarra
             if bad:
                 raise ValueError(f"{where}: input {info.name!r} has shape {list(a.shape)}, the model expects "
                                  f"{info.describe()} (all inputs: {_expected(inputs)})")
+        if a.ndim and a.shape[0] == 0:
+            raise ValueError(f"{where}: input {info.name!r} is empty (shape {list(a.shape)}: no samples)")
         if a.dtype != info.dtype:
-            same_kind = (a.dtype.kind == "f" and info.dtype.kind == "f") or (
-                a.dtype.kind in "iu" and info.dtype.kind in "iu") or (a.dtype.kind == "b" and info.dtype.kind == "b")
-            if not same_kind:
+            safe = (info.dtype.kind == "f" and a.dtype.kind in "fiub") or (
+                info.dtype.kind in "iu" and a.dtype.kind in "iub") or (info.dtype.kind == "b" and a.dtype.kind == "b")
+            if not safe:
                 raise ValueError(f"{where}: input {info.name!r} has dtype {a.dtype}, the model expects "
-                                 f"{info.describe()}")
+                                 f"{info.describe()}; a cast from {a.dtype} would change the values")
+            note = f"calibration input {info.name!r} given as {a.dtype}, cast to {info.dtype}"
+            if notes is not None and note not in notes:
+                notes.append(note)
             a = a.astype(info.dtype)
+        if a.dtype.kind == "f":
+            bad = int(a.size - np.isfinite(a).sum())
+            if bad:
+                raise ValueError(f"{where}: input {info.name!r} has {bad:,} NaN or inf value(s) of {a.size:,}; "
+                                 "calibration data must be finite")
         out[info.name] = np.ascontiguousarray(a)
     return out
 
 
 def iter_feeds(calib, inputs: list[InputInfo], batch_size: int | None = None,
-               max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+               max_batches: int | None = None, notes: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Validated feed dicts, one batch at a time (see module docstring)."""
     if calib is None:
         return
@@ -107,7 +125,7 @@ def iter_feeds(calib, inputs: list[InputInfo], batch_size: int | None = None,
     if bs < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(calib, (str, os.PathLike)):
-        yield from _npz(os.fspath(calib), inputs, bs, max_batches)
+        yield from _npz(os.fspath(calib), inputs, bs, max_batches, notes)
         return
     if isinstance(calib, Mapping) or isinstance(calib, np.ndarray) or hasattr(calib, "detach"):
         calib = [calib]
@@ -117,15 +135,15 @@ def iter_feeds(calib, inputs: list[InputInfo], batch_size: int | None = None,
     for i, feed in enumerate(calib):
         if max_batches is not None and i >= max_batches:
             return
-        yield check_feed(feed, inputs, f"calibration batch {i}")
+        yield check_feed(feed, inputs, f"calibration batch {i}", notes)
 
 
-def _npz(path: str, inputs: list[InputInfo], bs: int, max_batches: int | None):
+def _npz(path: str, inputs: list[InputInfo], bs: int, max_batches: int | None, notes: list[str] | None = None):
     if not os.path.exists(path):
         raise ValueError(f"calibration file {path!r} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
-    except Exception as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"calibration file {path!r} is not a readable .npz ({type(exc).__name__}: {exc})") from None
     if not hasattr(data, "files"):
         raise ValueError(f"calibration file {path!r} is a single array, not an .npz with one array per input "
@@ -136,10 +154,13 @@ def _npz(path: str, inputs: list[InputInfo], bs: int, max_batches: int | None):
     if len(set(lengths.values())) > 1:
         raise ValueError(f"calibration file {path!r}: arrays have different lengths along axis 0 ({lengths})")
     n = next(iter(lengths.values()), 0)
+    if not arrays or n == 0:
+        raise ValueError(f"calibration file {path!r} holds no samples (arrays: "
+                         f"{', '.join(f'{k} {list(v.shape)}' for k, v in arrays.items()) or 'none'})")
     for b, s in enumerate(range(0, n, bs)):
         if max_batches is not None and b >= max_batches:
             return
-        yield check_feed({k: v[s:s + bs] for k, v in arrays.items()}, inputs, f"{path!r} batch {b}")
+        yield check_feed({k: v[s:s + bs] for k, v in arrays.items()}, inputs, f"{path!r} batch {b}", notes)
 
 
 def feed_size(feed: dict[str, np.ndarray]) -> int:

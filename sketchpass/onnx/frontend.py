@@ -35,7 +35,7 @@ from . import observe as ob
 from .feeds import feed_size, graph_inputs, iter_feeds
 from .load import load
 from .macs import count_macs, infer_shapes
-from .match import find_sites, weight_elements
+from .match import find_sites, nothing_to_compress, weight_stats
 from .rewrite import emit_protos, stand_in
 from .segments import Segments
 
@@ -100,8 +100,8 @@ class OnnxFrontend:
     def calib(self, calib, o: Options) -> Calib:
         reiterable = isinstance(calib, (str, dict, list, tuple, np.ndarray)) or hasattr(calib, "detach") or (
             hasattr(calib, "__iter__") and iter(calib) is not calib)
-        return Calib(lambda: iter_feeds(calib, self.inputs, o.batch_size), size=feed_size, split=_split_feed,
-                     holdout=o.holdout, max_batches=o.max_batches, reiterable=reiterable,
+        return Calib(lambda notes: iter_feeds(calib, self.inputs, o.batch_size, notes=notes), size=feed_size,
+                     split=_split_feed, holdout=o.holdout, max_batches=o.max_batches, reiterable=reiterable,
                      max_bytes=o.max_activation_mb * 2**20)
 
     def prepare(self, first) -> None:
@@ -110,8 +110,16 @@ class OnnxFrontend:
     def sites(self) -> list[Site]:
         return self._sites
 
+    def nothing_to_compress(self, sites) -> str | None:
+        return nothing_to_compress(self.graph, sites)
+
     def model_params(self, sites) -> int:
-        return weight_elements(self.graph, sites)
+        n, nbytes, ints = weight_stats(self.graph, sites)
+        if ints:
+            note = (f"ONNX: params include {ints:,} integer (quantized) weights; all weights take {nbytes:,} bytes")
+            if note not in self.notes:
+                self.notes.append(note)
+        return n
 
     def _shape_source(self, example):
         src = self._first_shapes or _shapes_of(example, self.inputs)

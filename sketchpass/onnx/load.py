@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
+
+from ..store import default_mode
 
 PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialise a message of 2 GiB or more
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the external data file
@@ -39,16 +42,31 @@ def load(model, *, copy: bool = True) -> onnx.ModelProto:
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory, not an ONNX file")
     try:
-        m = onnx.load(str(path), load_external_data=True)
-    except FileNotFoundError as exc:  # external data file missing
-        raise ValueError(f"ONNX file {str(path)!r}: its external data could not be read ({exc}); keep the data "
-                         f"file(s) next to the model") from None
-    except Exception as exc:  # DecodeError and friends: not a protobuf ModelProto
+        m = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:  # not a ModelProto
         raise ValueError(f"{str(path)!r} is not a valid ONNX model (could not parse it: "
                          f"{type(exc).__name__}: {exc})") from None
+    missing = sorted({loc for loc in _external_locations(m) if not (path.parent / loc).is_file()})
+    if missing:
+        raise ValueError(f"ONNX file {str(path)!r} keeps its weights in external data file(s) {', '.join(missing)}, "
+                         f"which are missing from {str(path.parent)!r}; keep the data file(s) next to the model")
+    try:
+        onnx.load_external_data_for_model(m, str(path.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ValueError(f"ONNX file {str(path)!r}: its external data could not be read ({exc})") from None
     if not m.HasField("graph") or (not m.graph.node and not m.graph.output):
         raise ValueError(f"{str(path)!r} is not a valid ONNX model (no graph in it)")
     return m
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    out = []
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            out += [e.value for e in t.external_data if e.key == "location"]
+    return out
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -120,13 +138,18 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> 
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+        default_mode(tmp)
         if tmp_data is not None:
+            default_mode(tmp_data)
             os.replace(tmp_data, folder / data_name)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for p in (tmp, tmp_data):
             if p is not None and os.path.exists(p):
                 os.unlink(p)
+        if isinstance(exc, OSError) and not exc.filename:  # a failed write: say which file
+            raise OSError(exc.errno, f"cannot write {str(path)!r} ({exc.strerror or exc}); nothing was written") \
+                from None
         raise
     return path
 

@@ -1,6 +1,7 @@
 """Whole-model MACs of an ONNX graph from static shape inference.
 
-The count covers ``Conv``, ``Gemm`` and ``MatMul`` nodes of the main graph (the ops that carry
+The count covers ``Conv``, ``Gemm`` and ``MatMul`` nodes of the main graph (and their quantized forms
+``ConvInteger``, ``QLinearConv``, ``MatMulInteger``, ``QLinearMatMul``) (the ops that carry
 nearly all the arithmetic of the models we rewrite); element-wise ops, pooling, normalisation and
 nodes inside ``If``/``Loop``/``Scan`` subgraphs are not counted.  Per node:
 ``Conv``: ``N · C_out · prod(out spatial) · C_in/g · prod(kernel)``; ``Gemm``/``MatMul``:
@@ -54,7 +55,8 @@ def infer_shapes(model: onnx.ModelProto, input_shapes=None) -> dict[str, list]:
     sk = skeleton(model, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
-    except Exception:  # inference is best effort here: unknown shapes count as unknown
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
+        # inference is best effort here: unknown shapes count as unknown (and the plan's notes say so)
         inferred = sk
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -76,13 +78,15 @@ def _prod(dims) -> int | None:
 def count_macs(model: onnx.ModelProto, shapes: dict[str, list], batch: int) -> tuple[int, list[str]]:
     """``(MACs per sample, names of nodes whose shapes were unknown)``."""
     total, unknown = 0, []
+    conv_w = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+    matmul = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
     for n in model.graph.node:
-        if n.op_type not in ("Conv", "Gemm", "MatMul") or n.domain not in ("", "ai.onnx"):
+        if (n.op_type not in conv_w and n.op_type not in matmul) or n.domain not in ("", "ai.onnx"):
             continue
         out = shapes.get(n.output[0])
         macs = None
-        if n.op_type == "Conv":
-            w = shapes.get(n.input[1])
+        if n.op_type in conv_w:
+            w = shapes.get(n.input[conv_w[n.op_type]]) if len(n.input) > conv_w[n.op_type] else None
             if out is not None and w is not None and _prod(out) is not None and _prod(w) is not None:
                 macs = _prod(out) * _prod(w[1:])  # N·Co·P_out · (Ci/g)·hw
         else:

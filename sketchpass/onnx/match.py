@@ -178,6 +178,10 @@ def _conv_attrs(node: gs.Node, W: np.ndarray) -> dict:
 
 
 def _check_weight(kind: str, node: gs.Node, W: np.ndarray) -> tuple[SkipReason, str] | None:
+    if "bfloat16" in str(W.dtype):
+        return (SkipReason.UNSUPPORTED_DTYPE, "bfloat16 weight: the ONNX pass does not rewrite bfloat16 layers (ONNX "
+                "Runtime's CPU provider cannot run them to calibrate or verify); convert the model to float16 or "
+                "float32, compress it, then convert back")
     if W.dtype not in FLOAT_TYPES:
         return SkipReason.NOT_FLOAT, f"weight is not floating point ({W.dtype})"
     if kind == "Conv":
@@ -297,25 +301,87 @@ def _empty(t) -> bool:
     return isinstance(t, gs.Variable) and not t.name
 
 
-def weight_elements(graph: gs.Graph, sites: list[Site]) -> int:
-    """The model's parameter count: elements of every floating-point initializer and Constant-node
-    value (main graph and subgraphs), plus the folded weights of matched layers that are computed by
-    constant subgraphs (e.g. ``ConstantOfShape``); each tensor counted once."""
-    seen: dict[str, int] = {}
+# integer weights of quantized layers: op → index of its weight input
+QUANT_LAYER_OPS = {"ConvInteger": 1, "MatMulInteger": 1, "QLinearConv": 3, "QLinearMatMul": 3, "DequantizeLinear": 0}
+
+
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype) in FLOAT_TYPES or "bfloat16" in str(dtype)
+
+
+def weight_stats(graph: gs.Graph, sites: list[Site]) -> tuple[int, int, int]:
+    """``(elements, bytes, integer elements)`` of the model's weights: every floating-point initializer and
+    Constant-node value (main graph and subgraphs), the integer weights of quantized layers
+    (:data:`QUANT_LAYER_OPS`), and the folded weights of matched layers computed by constant subgraphs
+    (e.g. ``ConstantOfShape``); each tensor counted once."""
+    seen: dict[str, tuple[int, int, bool]] = {}
+
+    def add(key: str, t) -> None:
+        n = math.prod(t.shape)
+        seen.setdefault(key, (n, n * np.dtype(t.dtype).itemsize, not _is_float(t.dtype)))
 
     def walk(g: gs.Graph):
         for t in g.tensors().values():
-            if isinstance(t, gs.Constant) and np.dtype(t.dtype) in FLOAT_TYPES:
-                seen.setdefault(t.name or f"#{id(t)}", math.prod(t.shape))
+            if isinstance(t, gs.Constant) and _is_float(t.dtype):
+                add(t.name or f"#{id(t)}", t)
         for n in g.nodes:
+            idx = QUANT_LAYER_OPS.get(n.op)
+            if idx is not None and len(n.inputs) > idx:
+                w = n.inputs[idx]
+                if isinstance(w, gs.Constant) and np.dtype(w.dtype).kind in "iu":
+                    add(w.name or f"#{id(w)}", w)
+                elif isinstance(w, gs.Variable) and w.inputs and w.inputs[0].op == "Constant":
+                    v = w.inputs[0].attrs.get("value")
+                    if isinstance(v, gs.Constant) and np.dtype(v.dtype).kind in "iu":
+                        add(w.name, v)
             for a in n.attrs.values():
-                if n.op == "Constant" and isinstance(a, gs.Constant) and np.dtype(a.dtype) in FLOAT_TYPES:
-                    seen.setdefault(n.outputs[0].name if n.outputs else f"#{id(a)}", math.prod(a.shape))
+                if n.op == "Constant" and isinstance(a, gs.Constant) and _is_float(a.dtype):
+                    add(n.outputs[0].name if n.outputs else f"#{id(a)}", a)
                 elif isinstance(a, gs.Graph):
                     walk(a)
 
     walk(graph)
     for s in sites:
         if s.weight is not None and s.ref.weight_name not in seen:
-            seen[s.ref.weight_name] = s.weight.numel()
-    return int(sum(seen.values()))
+            seen[s.ref.weight_name] = (s.weight.numel(), s.weight.numel() * s.weight.element_size(), False)
+    return (int(sum(v[0] for v in seen.values())), int(sum(v[1] for v in seen.values())),
+            int(sum(v[0] for v in seen.values() if v[2])))
+
+
+def weight_elements(graph: gs.Graph, sites: list[Site]) -> int:
+    """The model's parameter count (:func:`weight_stats`)."""
+    return weight_stats(graph, sites)[0]
+
+
+def _all_ops(graph: gs.Graph, out: dict[str, int]) -> dict[str, int]:
+    for n in graph.nodes:
+        out[n.op] = out.get(n.op, 0) + 1
+        for a in n.attrs.values():
+            for sg in ([a] if isinstance(a, gs.Graph) else [x for x in a if isinstance(x, gs.Graph)]
+                       if isinstance(a, list) else []):
+                _all_ops(sg, out)
+    return out
+
+
+def nothing_to_compress(graph: gs.Graph, sites: list[Site]) -> str | None:
+    """``None`` when some layer can be factored; else one sentence that counts what the model holds by op
+    type and says why none qualifies (and, for quantized models, what to do)."""
+    if any(s.skip is None or s.skip.factorable for s in sites):
+        return None
+    ops = _all_ops(graph, {})
+    quant = {op: c for op, c in ops.items() if op in QUANT_LAYER_OPS and op != "DequantizeLinear"}
+    parts = []
+    by = {}
+    for s in sites:
+        key = (s.kind, s.skip.value)
+        by[key] = by.get(key, 0) + 1
+    parts += [f"{c} {kind} ({why})" for (kind, why), c in sorted(by.items())]
+    parts += [f"{c} {op} (quantized)" for op, c in sorted(quant.items())]
+    if not parts:
+        top = ", ".join(f"{op} ×{c}" for op, c in sorted(ops.items(), key=lambda kv: -kv[1])[:6]) or "no nodes"
+        return (f"nothing to compress: the model has no Conv, Gemm or MatMul layer with a weight (its ops: {top}); "
+                "sketchpass factors convolution and matrix-multiplication weights")
+    msg = f"nothing to compress: found {', '.join(parts)}, and none of them can be factored"
+    if quant or any(s.skip.value == "quantized" for s in sites):
+        msg += "; the weights are quantized — compress the float model first, then quantize the result"
+    return msg
