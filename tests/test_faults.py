@@ -144,3 +144,25 @@ def test_bfloat16_onnx_layers_are_kept_dense_with_the_reason():
     with pytest.raises(sp.InfeasibleBudgetError, match="nothing to compress: found 1 MatMul"):
         sp.plan(m, "params=0.5")
     assert sp.plan(m, "params=1.0")["mm"].decision.skip is SkipReason.UNSUPPORTED_DTYPE
+
+
+def test_options_and_overrides_from_outside_are_refused_with_one_line():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    calib = [torch.randn(16, 8) for _ in range(2)]
+    for bad, match in [({"0": {"rank": 2, "width": 3}}, r"override for '0': unknown keys \['width'\]"),
+                       ({"0": "big"}, "expected None, an int size or a dict"),
+                       ({"0": {"method": "pca"}}, "method must be 'svd' or 'sketch'"),
+                       ({"0": {"method": "svd"}}, "method 'svd' needs 'rank'"),
+                       ({"": 3}, "keys must be non-empty strings")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            sp.plan(m, "params=0.9", calib=calib, overrides=bad)
+    with pytest.raises(TypeError, match="ignore must be layer names"):
+        sp.plan(m, "params=0.9", calib=calib, ignore=[3])
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    foreign = sp.plan(other, "params=10000", calib=calib, method="svd", overrides={"0": 2})
+    with pytest.raises(ValueError, match=r"layer '0': the plan expects 8→16.*another model"):
+        sp.apply(m, foreign, calib=calib)
