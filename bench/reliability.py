@@ -65,8 +65,22 @@ CASES = [
          "params=-1"], 1, "must be > 0"),
     Case("budget-overflow", "budget `flops=1e400`", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx", "--budget",
          "flops=1e400"], 1, "not a finite number"),
-    Case("budget-unknown-key", "budget `latency=abc` (no latency budgets yet)", ["compress", "{d}/m.onnx", "-o",
-         "{d}/o.onnx", "--budget", "latency=abc"], 1, "unknown key 'latency'"),
+    Case("budget-not-a-number", "budget `latency=abc`", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx", "--budget",
+         "latency=abc"], 1, "latency='abc' is not a number"),
+    Case("budget-unknown-key", "budget `speed=2`", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx", "--budget",
+         "speed=2"], 1, "unknown key 'speed'"),
+    Case("latency-over-one", "budget `latency=1.5` (a fraction)", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx",
+         "--budget", "latency=1.5"], 1, "give latency_ms= for milliseconds"),
+    Case("latency-unknown-target", "`--target` that does not exist", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx",
+         "--budget", "latency=0.7", "--calib", "{d}/calib.npz", "--target", "ort-npu"], 1,
+         "unknown target 'ort-npu'"),
+    Case("latency-target-missing", "`--target` whose execution provider is not installed", ["compress", "{d}/m.onnx",
+         "-o", "{d}/o.onnx", "--budget", "latency=0.7", "--calib", "{d}/calib.npz", "--target", "ort-tensorrt"], 1,
+         "is not available on this machine"),
+    Case("latency-no-shapes", "a latency budget without calibration data or input shapes", ["compress",
+         "{d}/dyn.onnx", "-o", "{d}/o.onnx", "--budget", "latency=0.7"], 1, "needs input shapes", setup="dyn"),
+    Case("latency-infeasible", "a latency budget below what the model can reach", ["compress", "{d}/m.onnx", "-o",
+         "{d}/o.onnx", "--budget", "latency=0.01", "--calib", "{d}/calib.npz"], 1, "smallest achievable is"),
     Case("budget-duplicate", "budget `params=0.5,params=0.4`", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx",
          "--budget", "params=0.5,params=0.4"], 1, "given twice"),
     Case("budget-infeasible", "budget below what the model can reach", ["compress", "{d}/m.onnx", "-o", "{d}/o.onnx",
@@ -192,6 +206,12 @@ def make_assets(d: Path, setup: str) -> None:
 
         logging.getLogger().setLevel(logging.ERROR)
         quantize_dynamic(str(d / "m.onnx"), str(d / "quant.onnx"), weight_type=QuantType.QUInt8)
+    elif setup == "dyn":  # every spatial dim symbolic: no shapes without data
+        m = onnx.load(str(d / "m.onnx"))
+        for i, dim in enumerate(m.graph.input[0].type.tensor_type.shape.dim):
+            if i >= 2:
+                dim.dim_param = f"s{i}"
+        onnx.save(m, str(d / "dyn.onnx"))
     elif setup == "exists":
         shutil.copy(d / "m.onnx", d / "exists.onnx")
     elif setup == "plans":

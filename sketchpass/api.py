@@ -9,7 +9,7 @@ from typing import Any
 
 from .budget import Budget
 from .options import ALL_KEYS, APPLY_KEYS, METHODS, PLAN_KEYS, Options  # noqa: F401  (METHODS re-exported)
-from .pipeline import run_apply, run_plan
+from .pipeline import run_apply, run_plan, run_profile
 from .plan import Plan
 from .planner import check_ignore, check_overrides
 
@@ -80,3 +80,12 @@ def transform(model, budget, calib=None, method: str = "auto", seed: int = 0, ig
     b = _budget(budget)
     rules, ov = check_ignore(ignore), check_overrides(overrides)
     return run_plan(_frontend(model, o), b, calib, o, rules, ov, build=True).model
+
+
+def profile(model, calib=None, **options) -> dict:
+    """Time every candidate form of every layer of ``model`` on the target runtime (``target=``, ``threads=``)
+    and store them in the timing table (``timing_table=``; default the one in the sketchpass cache), so that
+    latency budgets planned later on this device read them instead of timing them.  Returns what was timed:
+    per layer its dense time, its fastest form and how many forms are faster than dense."""
+    o = Options.from_kwargs(PLAN_KEYS, "profile", **options)
+    return run_profile(_frontend(model, o), calib, o)

@@ -1,9 +1,12 @@
 """Budgets and the budget solver (pure: candidates in, choices out; no torch, no graphs).
 
 **Budget.**  ``Budget(params=0.5)`` limits the whole model's effective parameters to half;
-``Budget(flops=0.6)`` limits multiply-accumulates per sample at the calibration shape; both may be
-given and then both must hold.  A value in ``(0, 1]`` is a fraction of the original model, a value
-``> 1`` an absolute count.
+``Budget(flops=0.6)`` limits multiply-accumulates per sample at the calibration shape;
+``Budget(latency=0.7)`` limits the latency measured on the target runtime to 70% of the dense model's,
+``Budget(latency_ms=12.5)`` to 12.5 ms.  Any of them may be given together and then all must hold.  For
+params and flops a value in ``(0, 1]`` is a fraction of the original model, a value ``> 1`` an absolute
+count; ``latency`` is always a fraction in ``(0, 1]`` and ``latency_ms`` always milliseconds.  Both latency
+limits are the solver's unit ``"latency"`` (milliseconds).
 
 **Solver.**  Each layer offers candidates ``(cost_u, loss)``: dense (loss 0) and factored forms of
 several sizes, whose loss is the layer's predicted relative output error weighted by its measured
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-UNITS = ("params", "flops")
+UNITS = ("params", "flops", "latency")  # the solver's units
+KEYS = ("params", "flops", "latency", "latency_ms")  # what a Budget takes
 
 
 class InfeasibleBudgetError(ValueError):
@@ -32,13 +36,26 @@ class InfeasibleBudgetError(ValueError):
 
 
 class Budget:
-    """Limits on the whole model: ``params`` and/or ``flops`` (MACs per sample)."""
+    """Limits on the whole model: ``params``, ``flops`` (MACs per sample), ``latency`` (fraction of the dense
+    model's measured latency) and ``latency_ms`` (milliseconds)."""
 
-    def __init__(self, params: float | None = None, flops: float | None = None):
+    def __init__(self, params: float | None = None, flops: float | None = None, latency: float | None = None,
+                 latency_ms: float | None = None):
         self.params = self._check("params", params)
         self.flops = self._check("flops", flops)
-        if self.params is None and self.flops is None:
-            raise ValueError("a Budget needs at least one limit, e.g. Budget(params=0.5) or Budget(flops=0.6)")
+        self.latency = self._check("latency", latency)
+        self.latency_ms = self._check("latency_ms", latency_ms)
+        if self.latency is not None and self.latency > 1:
+            raise ValueError(f"Budget latency={self.latency:g} must be a fraction of the dense model's latency in "
+                             f"(0, 1]; give latency_ms= for milliseconds")
+        if all(getattr(self, k) is None for k in KEYS):
+            raise ValueError("a Budget needs at least one limit, e.g. Budget(params=0.5), Budget(flops=0.6) or "
+                             "Budget(latency=0.7)")
+
+    @property
+    def timed(self) -> bool:
+        """Whether the budget needs latencies measured on a target runtime."""
+        return self.latency is not None or self.latency_ms is not None
 
     @staticmethod
     def _check(unit: str, value) -> float | None:
@@ -67,8 +84,8 @@ class Budget:
             if "=" not in part:
                 raise ValueError(f"budget {text!r}: expected KEY=VALUE pairs like 'params=0.5,flops=0.7', got {part!r}")
             key, _, raw = (s.strip() for s in part.partition("="))
-            if key not in UNITS:
-                raise ValueError(f"budget {text!r}: unknown key {key!r}; expected one of {', '.join(UNITS)}")
+            if key not in KEYS:
+                raise ValueError(f"budget {text!r}: unknown key {key!r}; expected one of {', '.join(KEYS)}")
             if key in values:
                 raise ValueError(f"budget {text!r}: {key} is given twice")
             try:
@@ -82,22 +99,35 @@ class Budget:
         return cls(**values)
 
     def limits(self, totals: dict[str, float]) -> dict[str, float]:
-        """Absolute limits given the model's totals ``{"params": P, "flops": M}``."""
+        """Absolute limits given the model's totals ``{"params": P, "flops": M, "latency": dense ms}``."""
         out = {}
-        for unit in UNITS:
+        for unit in ("params", "flops"):
             v = getattr(self, unit)
             if v is not None:
                 out[unit] = v * totals[unit] if v <= 1.0 else v
+        lat = []
+        if self.latency is not None:
+            if "latency" not in totals:
+                raise ValueError("a latency budget needs the dense model's measured latency (a target runtime)")
+            lat.append(self.latency * totals["latency"])
+        if self.latency_ms is not None:
+            lat.append(self.latency_ms)
+        if lat:
+            out["latency"] = min(lat)
         return out
 
     def to_dict(self) -> dict:
-        return {u: getattr(self, u) for u in UNITS if getattr(self, u) is not None}
+        return {u: getattr(self, u) for u in KEYS if getattr(self, u) is not None}
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Budget) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
         return "Budget(" + ", ".join(f"{k}={v:g}" for k, v in self.to_dict().items()) + ")"
+
+
+def fmt_unit(unit: str, v: float) -> str:
+    return f"{v:.3g} ms" if unit == "latency" else f"{v:,.0f}"
 
 
 @dataclass(frozen=True)
@@ -136,10 +166,14 @@ def solve(
     for u in units:
         low = fixed[u] + sum(min(c.cost[u] for c in cands) for cands in layers)
         if low > limits[u] * (1 + 1e-12):
+            if u == "latency":
+                raise InfeasibleBudgetError(
+                    f"the latency budget {fmt_unit(u, limits[u])} cannot be met: the fastest plan the measured layer "
+                    f"times allow is {fmt_unit(u, low)}, the smallest achievable")
             raise InfeasibleBudgetError(
-                f"the {u} budget {limits[u]:,.0f} cannot be met: the smallest achievable is {low:,.0f} "
-                f"({u} outside the factorable layers: {fixed[u]:,.0f})")
-    scale = {u: max(limits[u], 1.0) for u in units}
+                f"the {u} budget {fmt_unit(u, limits[u])} cannot be met: the smallest achievable is "
+                f"{fmt_unit(u, low)} ({u} outside the factorable layers: {fmt_unit(u, fixed[u])})")
+    scale = {u: max(limits[u], 1e-9) for u in units}
 
     def pick(lams: dict[str, float]) -> list[int]:
         choice = []
@@ -152,10 +186,7 @@ def solve(
             choice.append(best)
         return choice
 
-    if len(units) == 1:
-        dirs = [{units[0]: 1.0}]
-    else:
-        dirs = [{units[0]: a, units[1]: 1.0 - a} for a in (i / (directions - 1) for i in range(directions))]
+    dirs = _directions(units, directions)
 
     best_choice, best_loss = None, math.inf
     total_loss = sum(max((c.loss for c in cands), default=0.0) for cands in layers) + 1.0
@@ -183,6 +214,22 @@ def solve(
     best_choice = _swap_search(layers, best_choice, limits, fixed, scale, units)
     assert feasible(best_choice)
     return best_choice
+
+
+def _directions(units: list[str], n: int) -> list[dict[str, float]]:
+    """Directions of the multiplier vector λ: the one unit; a line of ``n`` points for two; a simplex grid
+    (step 1/4) for three."""
+    if len(units) == 1:
+        return [{units[0]: 1.0}]
+    if len(units) == 2:
+        return [{units[0]: a, units[1]: 1.0 - a} for a in (i / (n - 1) for i in range(n))]
+    steps = 4
+    out = []
+    for i in range(steps + 1):
+        for j in range(steps + 1 - i):
+            k = steps - i - j
+            out.append({units[0]: i / steps, units[1]: j / steps, units[2]: k / steps})
+    return out
 
 
 def _greedy_fill(layers, choice, limits, fixed, scale, units) -> list[int]:

@@ -26,6 +26,8 @@ class Form:
     params: int
     macs: int
     error: float
+    ms: float | None = None  # measured on the target runtime (latency budgets), median of one call
+    spread: float | None = None
 
 
 def size_grid(limit: int, granularity: int, max_count: int = 48) -> list[int]:

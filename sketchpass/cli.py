@@ -184,6 +184,7 @@ def _compress(args: argparse.Namespace) -> int:
         small = sp.transform(model, budget, calib=args.calib, method=args.method, seed=args.seed,
                              ignore=args.ignore or (), batch_size=args.batch_size, max_batches=args.max_batches,
                              u_storage=args.u_storage, rounds=args.rounds, tolerance=args.tolerance,
+                             target=args.target, threads=args.threads, timing_table=args.timing_table,
                              progress=_progress(args))
     t1 = time.perf_counter()
     final = spx.plan_of(small)
@@ -271,6 +272,40 @@ def _inspect(args: argparse.Namespace) -> int:
               + f"); MACs/sample {summary['macs']:,}", markup=False)
     for n in p.notes:
         con.print(f"note: {n}", markup=False)
+    return 0
+
+
+# --------------------------------------------------------------------------- profile
+def _profile(args: argparse.Namespace) -> int:
+    import sketchpass as sp
+
+    inp = _check_input(args.input)
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise UsageError(f"calibration file {args.calib!r} does not exist")
+    spx = _onnx_module()
+    model = spx.load(str(inp))
+    nothing = _nothing_to_compress(spx, model)
+    if nothing:
+        raise UsageError(f"{inp}: {nothing}")
+    r = sp.profile(model, calib=args.calib, target=args.target, threads=args.threads, timing_table=args.timing_table,
+                   batch_size=args.batch_size, method=args.method, progress=_progress(args))
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    from rich.table import Table
+
+    t = r["target"]
+    table = Table(title=f"{inp.name} on {t['name']} ({t['runtime']}, {t['threads']} threads), inputs "
+                        f"{r['input_shapes']}", header_style="bold")
+    for col in ("layer", "dense ms", "fastest form ms", "forms faster than dense"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in r["layers"]:
+        table.add_row(row["name"], f"{row['dense_ms']:.3g}", "" if row["fastest_ms"] is None else
+                      f"{row['fastest_ms']:.3g}", str(row["forms"]))
+    con = _console()
+    con.print(table)
+    con.print(f"whole model {r['dense_ms']:.3g} ms; {r['forms_timed']} forms timed, {r['forms_from_table']} read from "
+              f"the table; wrote {r['table']}", markup=False)
     return 0
 
 
@@ -387,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="auto", choices=("auto", "sketch", "svd"))
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--ignore", action="append", help="layer name, glob or op type to keep dense (repeatable)")
+    c.add_argument("--target", help="runtime a latency budget is measured on (default ort-cpu; ort-cuda, "
+                   "ort-tensorrt where installed)")
+    c.add_argument("--threads", type=int, help="threads of the target runtime (default: the CPU count)")
+    c.add_argument("--timing-table", help="timing table file (default: the one in the sketchpass cache)")
     c.add_argument("--u-storage", default="float", choices=("float", "int8", "bits"),
                    help="how the fixed sketch matrices are stored in the file (default float)")
     c.add_argument("--batch-size", type=int, default=32, help="calibration samples per batch (default 32)")
@@ -400,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite existing output, report and plot files")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no per-layer table")
     c.set_defaults(func=_compress)
+
+    pr = sub.add_parser("profile", help="time every candidate form of every layer on a target runtime and store "
+                        "them in the timing table (latency budgets planned later read them from it)")
+    pr.add_argument("input")
+    pr.add_argument("--calib", help=".npz calibration data (its batches give the input shapes timed)")
+    pr.add_argument("--target", help="runtime to time on (default ort-cpu)")
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--timing-table", help="table file to write into (default: the one in the sketchpass cache)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--method", default="auto", choices=("auto", "sketch", "svd"))
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=_profile)
 
     i = sub.add_parser("inspect", help="list an ONNX file's weight layers: params, MACs, what would be skipped")
     i.add_argument("input")

@@ -503,3 +503,25 @@ def factor_module(dense: nn.Module, method: str, *, rank: int | None = None, k: 
         return _SK[t].from_dense(dense, k, l, init=use, seed=seed, gram=g if use == "calibrated" else None,
                                  name=name, dist=dist, out_scale=None if use in ("random", "sketch") else out_scale)
     raise ValueError(f"method {method!r} does not build a module (expected 'svd' or 'sketch')")
+
+
+def form_module(spec, method: str, size: int | None = None, l: int = 1, *, dtype=None, device=None,
+                name: str = "") -> nn.Module:
+    """A module of the shape of one candidate form of the layer ``spec`` (a
+    :class:`~sketchpass.plan.LayerSpec`), with fresh weights — what a standalone timing runs.  ``method``:
+    ``"dense"``, ``"svd"`` (``size`` = rank) or ``"sketch"`` (``size`` = ``m = k l``)."""
+    fk = {"dtype": dtype, "device": device}
+    if spec.op == "linear":
+        if method == "dense":
+            return nn.Linear(spec.d_in, spec.d_out, bias=spec.bias, **fk)
+        if method == "svd":
+            return LowRankLinear(spec.d_in, spec.d_out, size, bias=spec.bias, **fk)
+        return SKLinear(spec.d_in, spec.d_out, size // l, l, bias=spec.bias, name=name, **fk)
+    conv, lr, sk = ((nn.Conv1d, LowRankConv1d, SKConv1d) if spec.op == "conv1d" else
+                    (nn.Conv2d, LowRankConv2d, SKConv2d))
+    geo = {"stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation, "groups": spec.groups}
+    if method == "dense":
+        return conv(spec.d_in, spec.d_out, spec.kernel, bias=spec.bias, **geo, **fk)
+    if method == "svd":
+        return lr(spec.d_in, spec.d_out, spec.kernel, size, bias=spec.bias, **geo, **fk)
+    return sk(spec.d_in, spec.d_out, spec.kernel, size // l, l, bias=spec.bias, name=name, **geo, **fk)

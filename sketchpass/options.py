@@ -42,7 +42,13 @@ class Options:
     ``refit`` (sequential refit on the inputs the compressed model produces), ``rounds`` (re-solves of the
     verify loop when the measured output error exceeds ``tolerance`` × the predicted one), ``capture``
     (torch: ``"auto"``/``"fx"``/``"modules"``), ``u_storage`` and ``check`` (ONNX emission),
-    ``progress`` (bars on stderr; default: when stderr is a terminal)."""
+    ``progress`` (bars on stderr; default: when stderr is a terminal).
+
+    Latency budgets: ``target`` (the runtime the latency is measured on; default ``"torch-cpu"`` for PyTorch
+    models, ``"ort-cpu"`` for ONNX ones; :mod:`sketchpass.latency.targets`), ``threads`` (default: torch's
+    thread count / the CPU count for ONNX Runtime), ``timing_table`` (a timing table file; default the one in
+    the sketchpass cache), ``timing_sizes`` (svd ranks timed per layer, 8), ``latency_rounds`` (re-solves when
+    the measured whole-model latency misses the budget, 3)."""
 
     method: str = "auto"
     seed: int = 0
@@ -64,6 +70,11 @@ class Options:
     rounds: int = 2
     tolerance: float = 3.0
     capture: str = "auto"
+    target: str | None = None
+    timing_table: str | None = None
+    threads: int | None = None
+    timing_sizes: int = 8
+    latency_rounds: int = 3
     u_storage: str = "float"
     check: bool = True
     progress: bool | None = None
@@ -93,6 +104,11 @@ class Options:
             raise ValueError("holdout must be 0 (measure nothing) or at least 2 (one batch in holdout is kept out of "
                              "fitting), got 1")
         positive_int("rounds", allow_zero=True)
+        positive_int("threads", allow_none=True)
+        positive_int("timing_sizes")
+        positive_int("latency_rounds", allow_zero=True)
+        if self.target is not None and not isinstance(self.target, str):
+            raise TypeError(f"target must be a name such as 'ort-cpu' or 'torch-cpu', got {self.target!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
         if self.dist not in DISTRIBUTIONS:
@@ -146,6 +162,6 @@ class Options:
 ALL_KEYS = frozenset(f.name for f in fields(Options))
 # what plan() and apply() take; transform() takes both
 APPLY_KEYS = frozenset({"max_batches", "batch_size", "holdout", "max_activation_mb", "shrink", "refit", "capture",
-                        "u_storage", "check", "progress", "max_gram_mb"})
+                        "u_storage", "check", "progress", "max_gram_mb", "target", "threads"})
 PLAN_KEYS = ALL_KEYS - {"u_storage", "check"}
 PLAN_ARGS = frozenset({"method", "seed"})  # named parameters of plan(), not **options

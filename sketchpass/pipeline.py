@@ -48,6 +48,7 @@ import torch
 from .batches import Calib
 from .budget import Budget, InfeasibleBudgetError
 from .calib import CrossGramAccumulator, GramAccumulator
+from .latency.stage import within_latency
 from .layers import factor_module, with_weight
 from .options import Options
 from .plan import Decision, Plan, SkipReason
@@ -176,6 +177,9 @@ def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: boo
 
     def visit(site: Site, inp: LayerInput) -> None:
         st = obs.stats[site.name]
+        if st.calls == 0 and inp.shape is not None:  # the first call's input, for standalone timings
+            site.extra.setdefault("input_shape", inp.shape)
+            site.extra.setdefault("input_dtype", inp.dtype)
         st.calls += 1
         st.positions_in += inp.p_in
         st.positions_out += inp.p_out
@@ -491,15 +495,17 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
             measure_sensitivities(fe, sites, obs.kept, o, notes)
             obs.kept.clear()
         # ------------------------------------------------------------- candidates
-        units = tuple(budget.limits({"params": float(model_params), "flops": float(model_macs)}))
+        units = tuple(u for u in ("params", "flops") if getattr(budget, u) is not None)  # forms must be cheaper in
         choices = candidates(sites, units, o, data is not None, overrides or {}, o.progress)
         for s in sites:
             s.gram = None  # the candidates hold what the solver needs: the Grams can go
+        # ------------------------------------------------------------- latency: time the forms on the target
+        lat = setup_latency(fe, sites, choices, first, o) if budget.timed else None
         # ------------------------------------------------------------- solve
         weights = [s.sensitivity for s in sites]
         try:
             decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
-                               granularity=o.granularity, l=o.l)
+                               granularity=o.granularity, l=o.l, latency=lat)
         except InfeasibleBudgetError as exc:
             raise InfeasibleBudgetError(f"{exc} — {nothing}" if nothing else str(exc)) from None
         if data is not None:
@@ -507,57 +513,184 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         plan = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
                          calib=_calib_record(data), notes=notes, model_params=model_params, model_macs=model_macs,
                          has_calib=data is not None)
+        for lp, c in zip(plan.layers, choices):
+            lp.dense_ms = c.dense_ms
+        if lat is not None:
+            plan.latency = {"target": lat["target"].to_dict(), "dense_ms": lat["total"],
+                            "predicted_ms": predicted_latency(plan, lat), "input_shapes": lat["shapes"]}
         nothing_held = data is not None and not (data.counts or {}).get("holdout_batches")
-        if not build and (data is None or not o.holdout or o.init == "random" or nothing_held):
+        if not build and lat is None and (data is None or not o.holdout or o.init == "random" or nothing_held):
             finish_unverified(plan, data, o)  # nothing to measure: no need to fit now
             return Planned(plan)
         # ------------------------------------------------------------- fit, export, verify (⟲)
-        return close_loop(fe, sites, plan, choices, budget, data, o, model_params, model_macs, build)
+        return close_loop(fe, sites, plan, choices, budget, data, o, model_params, model_macs, build, lat)
     finally:
         if data is not None:
             data.close()
+
+
+def _shapes(batch) -> dict:
+    if hasattr(batch, "shape"):
+        return {"input": list(batch.shape)}
+    if isinstance(batch, dict):
+        return {str(k): list(v.shape) for k, v in batch.items() if hasattr(v, "shape")}
+    return {f"input {i}": list(v.shape) for i, v in enumerate(batch) if hasattr(v, "shape")}
+
+
+def setup_latency(fe: Frontend, sites: list[Site], choices: list[Choices], first, o: Options) -> dict:
+    """Resolve the target, time the dense model and every free layer's forms (see
+    :mod:`sketchpass.latency.stage`); the context the solver and the loop use."""
+    from .latency import TimingCache, resolve_target
+    from .latency.stage import time_candidates
+
+    target = resolve_target(o.target, fe.name, o.threads)
+    batch = fe.timing_batch(first, o.example_inputs)
+    if batch is None:
+        raise ValueError("a latency budget needs input shapes: pass calib= (batches of the shape the model will run "
+                         "at) or example_inputs=")
+    cache = TimingCache(o.timing_table)
+    with progress_bar("timing", sum(c.fixed is None for c in choices), o.progress) as adv:
+        dense = fe.time_models({"dense": fe.dense_model()}, batch, target)["dense"]
+        info = time_candidates(fe, sites, choices, target, cache, l=o.l, max_svd=o.timing_sizes, progress=adv)
+    return {"target": target, "batch": batch, "shapes": _shapes(batch), "total": dense.ms, "dense": dense,
+            "offset": 0.0, "info": info}
+
+
+def run_profile(fe: Frontend, calib, o: Options, overrides: dict | None = None) -> dict:
+    """Time every candidate form of every layer on the target and store them in the timing table (the stages
+    of :func:`run_plan` up to the timing; nothing is fitted): what ``sketchpass profile`` runs, so that later
+    plans on the same device read their layer times from the table."""
+    o.check_frontend(fe.name)
+    data, first = _open_data(fe, calib, o)
+    try:
+        sites = fe.sites()
+        if data is not None:
+            record_observation(sites, observe(fe, sites, data, o.replace(sensitivity_samples=0)), o, [])
+        else:
+            fe.positions_without_data(sites, o.example_inputs)
+        choices = candidates(sites, (), o, data is not None, overrides or {}, o.progress)
+        lat = setup_latency(fe, sites, choices, first, o)
+    finally:
+        if data is not None:
+            data.close()
+    layers = [{"name": s.name, "dense_ms": c.dense_ms, "fastest_ms": min((f.ms for f in c.forms), default=None),
+               "forms": len(c.forms)} for s, c in zip(sites, choices) if c.dense_ms is not None]
+    return {"target": lat["target"].to_dict(), "dense_ms": lat["total"], "input_shapes": lat["shapes"],
+            "layers": layers, **lat["info"]}
 
 
 def finish_unverified(plan: Plan, data: Calib | None, o: Options) -> None:
     why = ("no calibration data" if data is None else "init='random' builds fresh factors" if o.init == "random"
            else "holdout=0" if not o.holdout else "nothing to hold out (one batch of one sample)")
     plan.verify = {"measured": None, "predicted": plan.totals["predicted_output_error"], "reason": why}
-    plan.notes.append(f"output error not measured: {why}")
+    if f"output error not measured: {why}" not in plan.notes:
+        plan.notes.append(f"output error not measured: {why}")
+
+
+def _next_plan(choices, decisions, sites, budget, o, fe, current, plan, model_params, model_macs, corr):
+    nxt = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
+                    calib=current.calib, notes=list(plan.notes), model_params=model_params, model_macs=model_macs,
+                    has_calib=current.calib is not None)
+    for lp, c in zip(nxt.layers, choices):
+        lp.correction = corr.get(lp.spec.name, 1.0)
+        lp.dense_ms = c.dense_ms
+        old = current[lp.spec.name]
+        same = (old.decision.method, old.decision.size) == (lp.decision.method, lp.decision.size)
+        lp.measured_output_error = old.measured_output_error if same else None
+    nxt.recompute_totals(model_params, model_macs)
+    return nxt
+
+
+def _same(decisions, plan: Plan) -> bool:
+    return [(d.method, d.size) for d in decisions] == [(lp.decision.method, lp.decision.size) for lp in plan.layers]
+
+
+def predicted_latency(plan: Plan, lat: dict) -> float:
+    """The solver's latency of ``plan``: the dense total, less the free layers' dense times, plus their chosen
+    forms' times, plus the offset the whole-model measurements found."""
+    free = [lp for lp in plan.layers if lp.dense_ms is not None]
+    return lat["total"] + lat["offset"] + sum((lp.decision.ms or lp.dense_ms) - lp.dense_ms for lp in free)
+
+
+def measure_latency(fe: Frontend, emitted: Any, lat: dict) -> dict:
+    """The emitted model against the dense one, interleaved, on the timing batch.  For a fraction budget
+    the compressed model's time is compared as ``ratio × the dense time measured when planning`` (a slower
+    or faster spell of the machine moves both models alike)."""
+    ab = fe.time_models({"dense": fe.dense_model(), "small": emitted}, lat["batch"], lat["target"])
+    d, c = ab["dense"], ab["small"]
+    ratio = c.ms / d.ms
+    scale = lat["total"] / d.ms
+    return {"dense_ms": d.ms, "dense_spread": d.spread, "ms": c.ms, "spread": c.spread, "ratio": ratio,
+            "normalised_ms": c.ms * scale, "normalised_spread": c.spread * scale}
 
 
 def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choices], budget: Budget,
-               data: Calib | None, o: Options, model_params: int, model_macs: int, build: bool) -> Planned:
-    """Fit, emit and measure the plan; while measured and predicted output errors disagree by more than
-    the tolerance, attribute the error to layers, correct their weights and solve again."""
+               data: Calib | None, o: Options, model_params: int, model_macs: int, build: bool,
+               lat: dict | None = None) -> Planned:
+    """Fit, emit and measure the plan.  With a latency budget, while the emitted model misses it, the
+    offset between the layer times and the whole model's takes up the measured difference and the solver
+    runs again (``latency_rounds``); while measured and predicted output errors disagree by more than the
+    tolerance, the error is attributed to layers, their weights corrected and the solver run again
+    (``rounds``)."""
     rounds: list[dict] = []
-    results: list[tuple[float, Plan, Any, bool]] = []  # (measured, plan, emitted, closed) of every round
-    can_verify = data is not None and o.holdout and o.init != "random"
+    results: list[tuple] = []  # (measured error, plan, emitted, closed, latency met) of every round
+    can_verify = bool(data is not None and o.holdout and o.init != "random")
     current = plan
-    for r in range(o.rounds + 1 if can_verify else 1):
+    limit = None
+    if lat is not None:
+        limit = budget.limits({"params": float(model_params), "flops": float(model_macs), "latency": lat["total"]})[
+            "latency"]
+    err_rounds = lat_rounds = 0
+    corr: dict[str, float] = {}
+    while True:
         info = fit_and_rewrite(fe, sites, current, data, o)
         emitted = fe.export(current)
-        if not can_verify:
-            finish_unverified(current, data, o)
-            fe.stamp(emitted, current)
-            return Planned(current, emitted if build else None)
-        ver = verify(fe, emitted, sites, current, data, o)
-        predicted = current.totals["predicted_output_error"]
+        ver = verify(fe, emitted, sites, current, data, o) if can_verify else {"measured": None}
         if ver["measured"] is None:
             finish_unverified(current, data, o)
-            fe.stamp(emitted, current)
-            return Planned(current, emitted if build else None)
+        predicted = current.totals["predicted_output_error"]
         ratio = ratio_of(ver["measured"], predicted)
         prev = rounds[-1]["decisions"] if rounds else None
         now = {lp.spec.name: (lp.decision.method, lp.decision.size) for lp in current.layers}
-        rounds.append({"round": r, "predicted": predicted, "measured": ver["measured"], "ratio": ratio,
-                       "params": current.achieved().get("params"), "flops": current.achieved().get("flops"),
-                       "changed_layers": 0 if prev is None else sum(prev[k] != v for k, v in now.items()),
-                       "decisions": now, **info})
-        current.totals["measured_output_error"] = ver["measured"]
-        results.append((ver["measured"], current, emitted, within(ratio, o.tolerance)))
-        if within(ratio, o.tolerance) or r == o.rounds:
+        rec = {"round": len(rounds), "predicted": predicted, "measured": ver["measured"], "ratio": ratio,
+               "params": current.achieved().get("params"), "flops": current.achieved().get("flops"),
+               "changed_layers": 0 if prev is None else sum(prev[k] != v for k, v in now.items()),
+               "decisions": now, **info}
+        lat_ok = True
+        if lat is not None:
+            m = measure_latency(fe, emitted, lat)
+            pred_ms = predicted_latency(current, lat)
+            lat_ok = within_latency(m["normalised_ms"], m["normalised_spread"], limit, lat["total"]) and m["ratio"] < 1
+            rec.update(latency_predicted_ms=pred_ms, latency_ms=m["normalised_ms"],
+                       latency_spread=m["normalised_spread"], latency_ratio=m["ratio"], latency_met=lat_ok,
+                       latency_offset=lat["offset"])
+            current.latency = {**(current.latency or {}), "measured": m, "predicted_ms": pred_ms,
+                               "requested_ms": limit, "met": lat_ok}
+        rounds.append(rec)
+        if ver["measured"] is not None:
+            current.totals["measured_output_error"] = ver["measured"]
+        results.append((ver["measured"], current, emitted, within(ratio, o.tolerance), lat_ok))
+        # ---- the latency budget first: it must hold
+        if lat is not None and not lat_ok and lat_rounds < o.latency_rounds:
+            lat_rounds += 1
+            lat["offset"] += rec["latency_ms"] - rec["latency_predicted_ms"]
+            weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
+            try:
+                decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
+                                   granularity=o.granularity, l=o.l, latency=lat)
+            except InfeasibleBudgetError as exc:
+                rec["note"] = f"latency correction: {exc}"
+                break
+            if _same(decisions, current):
+                rec["note"] = "the corrected latency offset gives the same plan"
+                break
+            current = _next_plan(choices, decisions, sites, budget, o, fe, current, plan, model_params, model_macs,
+                                 corr)
+            continue
+        if not can_verify or within(ratio, o.tolerance) or err_rounds >= o.rounds:
             break
         # ---- attribute the error to layers, correct their weights, solve again
+        err_rounds += 1
         factored = [s for s in sites if current[s.name].decision.method != "dense"]
         with progress_bar("attributing", None, o.progress):
             kept, have = [], 0
@@ -568,33 +701,44 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                 have += data.size(kept[-1])
             single = fe.single_layer_errors(factored, kept)
         corr = corrections(current, single, ver["measured"])
-        rounds[-1]["alone"] = {lp.spec.name: lp.measured_output_error for lp in current.layers
-                               if lp.measured_output_error is not None}
+        rec["alone"] = {lp.spec.name: lp.measured_output_error for lp in current.layers
+                        if lp.measured_output_error is not None}
         if not corr:
             break
         weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
         decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,
-                           granularity=o.granularity, l=o.l)
-        if [(d.method, d.size) for d in decisions] == [(lp.decision.method, lp.decision.size) for lp in current.layers]:
-            rounds[-1]["note"] = "the corrected weights give the same plan"
+                           granularity=o.granularity, l=o.l, latency=lat)
+        if _same(decisions, current):
+            rec["note"] = "the corrected weights give the same plan"
             break
-        nxt = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
-                        calib=current.calib, notes=list(plan.notes), model_params=model_params,
-                        model_macs=model_macs, has_calib=True)
-        for lp in nxt.layers:
-            lp.correction = corr.get(lp.spec.name, 1.0)
-            old = current[lp.spec.name]
-            lp.measured_output_error = old.measured_output_error if (old.decision.method, old.decision.size) == (
-                lp.decision.method, lp.decision.size) else None
-        nxt.recompute_totals(model_params, model_macs)
-        current = nxt
-    # the round with the lowest measured error; within 5% of it, one whose prediction held, the later first
-    low = min(k[0] for k in results)
-    near = [i for i, k in enumerate(results) if k[0] <= 1.05 * low]
-    kept_round = max(near, key=lambda i: (results[i][3], i))
-    measured, chosen, emitted, _ = results[kept_round]
+        current = _next_plan(choices, decisions, sites, budget, o, fe, current, plan, model_params, model_macs, corr)
     for rr in rounds:
         rr.pop("decisions")
+    usable = [i for i, r in enumerate(results) if r[4]]
+    if not usable:
+        fastest = min(r["latency_ms"] for r in rounds)
+        tried = ", ".join(format(r["latency_ms"], ".3g") for r in rounds)
+        raise InfeasibleBudgetError(
+            f"the latency budget {limit:.3g} ms could not be met on {lat['target'].name}: the emitted models measured "
+            f"{tried} ms (fastest {fastest:.3g} ms; dense "
+            f"{lat['total']:.3g} ms) after {len(rounds)} round(s); relax the budget or combine it with a params= or "
+            f"flops= limit")
+    if can_verify:
+        # the round with the lowest measured error; within 5% of it, one whose prediction held, the later first
+        low = min(results[i][0] for i in usable)
+        near = [i for i in usable if results[i][0] <= 1.05 * low]
+        kept_round = max(near, key=lambda i: (results[i][3], i))
+    else:
+        kept_round = usable[-1]
+    measured, chosen, emitted = results[kept_round][:3]
+    if lat is not None:
+        chosen.latency = {**chosen.latency, "target": lat["target"].to_dict(), "dense_ms": lat["total"],
+                          "dense_spread": lat["dense"].spread, "input_shapes": lat["shapes"], **lat["info"],
+                          "rounds": [{k: r[k] for k in r if k.startswith("latency") or k == "round"} for r in rounds],
+                          "kept_round": kept_round}
+    if not can_verify:
+        fe.stamp(emitted, chosen)
+        return Planned(chosen, emitted if build else None)
     ratio = ratio_of(measured, chosen.totals["predicted_output_error"])
     ver = {"predicted": chosen.totals["predicted_output_error"], "measured": measured, "ratio": ratio,
            "samples": data.counts["holdout_samples"], "batches": data.counts["holdout_batches"],
@@ -620,7 +764,7 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
     o.check_frontend(fe.name)
     if not isinstance(plan, Plan):
         raise TypeError(f"apply expects a sketchpass.Plan, got {type(plan).__name__} (use Plan.from_json)")
-    data, _ = _open_data(fe, calib, o)
+    data, first = _open_data(fe, calib, o)
     try:
         sites = {s.name: s for s in fe.sites()}
         out = copy.deepcopy(plan)
@@ -670,6 +814,18 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
                                              f"predicted {predicted:.4g} (tolerance {o.tolerance:g}×): the plan's "
                                              "per-layer predictions do not hold here; check the result on your "
                                              "own metric")
+        if out.latency is not None and ("latency" in out.budget or "latency_ms" in out.budget):
+            # the plan was made for a latency budget: measure what this application emitted, on its target
+            from .latency import resolve_target
+
+            target = resolve_target(o.target or out.latency.get("target", {}).get("name"), fe.name, o.threads)
+            batch = fe.timing_batch(first, None)
+            if batch is not None:
+                ab = fe.time_models({"dense": fe.dense_model(), "small": emitted}, batch, target)
+                out.latency = {**out.latency, "applied": {"target": target.to_dict(), "dense_ms": ab["dense"].ms,
+                                                          "dense_spread": ab["dense"].spread, "ms": ab["small"].ms,
+                                                          "spread": ab["small"].spread,
+                                                          "ratio": ab["small"].ms / ab["dense"].ms}}
         fe.stamp(emitted, out)
         return emitted
     finally:

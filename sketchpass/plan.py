@@ -157,6 +157,7 @@ class Decision:
     predicted_error: float = 0.0
     measured_error: float | None = None
     skip: SkipReason | None = None
+    ms: float | None = None  # the form's time measured standalone on the target (latency budgets)
 
     def __post_init__(self):
         if self.skip is not None and not isinstance(self.skip, SkipReason):
@@ -189,6 +190,7 @@ class LayerPlan:
     sensitivity: float = 1.0
     correction: float = 1.0
     measured_output_error: float | None = None
+    dense_ms: float | None = None  # the dense layer's time measured standalone on the target
 
     @property
     def weight(self) -> float:
@@ -213,6 +215,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     verify: dict | None = None
+    latency: dict | None = None  # target, threads, input shapes, dense and compressed ms with spread, rounds
     version: int = PLAN_VERSION
 
     # ---------------------------------------------------------------- lookup
@@ -294,12 +297,13 @@ class Plan:
                 else:
                     dec.pop("skipped", None)
                 layers.append(LayerPlan(LayerSpec(**spec), Decision(**dec), ld.get("sensitivity", 1.0),
-                                        ld.get("correction", 1.0), ld.get("measured_output_error")))
+                                        ld.get("correction", 1.0), ld.get("measured_output_error"),
+                                        ld.get("dense_ms")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"plan JSON is malformed: a layer entry is invalid ({type(exc).__name__}: {exc})") \
                 from None
         kw = {k: d[k] for k in ("budget", "method", "seed", "generator", "frontend", "capture", "calib", "totals",
-                                "notes", "options", "verify") if k in d}
+                                "notes", "options", "verify", "latency") if k in d}
         p = cls(layers=layers, **kw)
         p.version = PLAN_VERSION
         return p

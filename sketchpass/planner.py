@@ -13,7 +13,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .budget import Budget, Candidate, InfeasibleBudgetError, solve
+from .budget import Budget, Candidate, InfeasibleBudgetError, fmt_unit, solve
 from .candidates import Form, form_error, sketch_forms, svd_forms, weighted_groups
 from .options import Options
 from .plan import Decision, LayerPlan, LayerSpec, Plan, SkipReason
@@ -149,6 +149,8 @@ class Choices:
     spec: LayerSpec
     fixed: Decision | None = None
     forms: list[Form] = field(default_factory=list)
+    dense_ms: float | None = None  # the dense layer's measured time (latency budgets)
+    dense_spread: float | None = None
 
 
 def candidates(sites: list[Site], units: tuple[str, ...], o: Options, has_calib: bool, overrides: dict,
@@ -201,15 +203,22 @@ def candidates(sites: list[Site], units: tuple[str, ...], o: Options, has_calib:
 
 # --------------------------------------------------------------------------- solve
 def choose(choices: list[Choices], weights: list[float], budget: Budget, *, model_params: int, model_macs: int,
-           granularity: int, l: int) -> list[Decision]:
+           granularity: int, l: int, latency: dict | None = None) -> list[Decision]:
     """One decision per layer minimising ``Σ weight_i · error_i`` within ``budget`` (the candidates'
-    errors weighted by the layers' output gains).  Raises :class:`InfeasibleBudgetError` with the
-    smallest achievable value."""
+    errors weighted by the layers' output gains).  ``latency`` (latency budgets): ``{"total": the dense
+    model's measured ms, "offset": the correction the whole-model measurements found}``; every free layer's
+    forms then carry their measured ``ms``.  Raises :class:`InfeasibleBudgetError` with the smallest
+    achievable value."""
     totals = {"params": float(model_params), "flops": float(model_macs)}
+    if latency is not None:
+        totals["latency"] = float(latency["total"])
     limits = budget.limits(totals)
     units = tuple(limits)
     free = [i for i, c in enumerate(choices) if c.fixed is None]
     fixed = {"params": float(model_params), "flops": float(model_macs)}
+    if latency is not None:  # what is not a free layer: the dense total less the free layers' own times
+        fixed["latency"] = totals["latency"] + float(latency.get("offset", 0.0)) - sum(
+            choices[i].dense_ms or 0.0 for i in free)
     for c in choices:  # fixed cost = the model minus what the free layers cost when dense
         if c.fixed is None:
             fixed["params"] -= c.spec.params
@@ -220,17 +229,19 @@ def choose(choices: list[Choices], weights: list[float], budget: Budget, *, mode
     rows = []
     for i in free:
         c = choices[i]
-        row = [Candidate({"params": c.spec.params, "flops": c.spec.macs}, 0.0, None)]
-        row += [Candidate({"params": f.params, "flops": f.macs}, weights[i] * f.error, f) for f in c.forms]
+        lat = {"latency": c.dense_ms or 0.0} if latency is not None else {}
+        row = [Candidate({"params": c.spec.params, "flops": c.spec.macs, **lat}, 0.0, None)]
+        row += [Candidate({"params": f.params, "flops": f.macs, **({"latency": f.ms} if latency is not None else {})},
+                          weights[i] * f.error, f) for f in c.forms if latency is None or f.ms is not None]
         rows.append(row)
     if rows:
         try:
             picked = solve(rows, limits, fixed)
         except InfeasibleBudgetError as exc:  # add the smallest achievable value as a fraction of the model
             lows = {u: fixed[u] + sum(min(c.cost[u] for c in row) for row in rows) for u in units}
-            fr = ", ".join(f"{u}={lows[u] / totals[u]:.4f}" for u in units if totals[u] and lows[u] > limits[u])
+            fr = ", ".join(f"{u}={lows[u] / totals[u]:.4f}" for u in units if totals.get(u) and lows[u] > limits[u])
             msg = f"{exc}; as a fraction of the model the smallest achievable is {fr}" if fr else str(exc)
-            if granularity > 1:
+            if granularity > 1 and any(u != "latency" and lows[u] > limits[u] for u in units):
                 msg += (f" (the smallest candidate sizes are on a grid of granularity={granularity}; a smaller "
                         "granularity= adds smaller sizes)")
             raise InfeasibleBudgetError(msg) from None
@@ -238,13 +249,15 @@ def choose(choices: list[Choices], weights: list[float], budget: Budget, *, mode
         picked = []
         for u in units:
             if fixed[u] > limits[u] * (1 + 1e-12):
-                raise InfeasibleBudgetError(f"the {u} budget {limits[u]:,.0f} cannot be met: no layer can be "
-                                            f"factored, the model stays at {fixed[u]:,.0f}")
+                raise InfeasibleBudgetError(f"the {u} budget {fmt_unit(u, limits[u])} cannot be met: no layer can be "
+                                            f"factored, the model stays at {fmt_unit(u, fixed[u])}")
     out: list[Decision] = [c.fixed for c in choices]
     for i, j, row in zip(free, picked, rows):
         f = row[j].tag
         out[i] = (dense_decision(choices[i].spec, SkipReason.SOLVER, "kept dense by the solver") if f is None
                   else decision_of(f, l))
+        if latency is not None:
+            out[i].ms = choices[i].dense_ms if f is None else f.ms
     return out
 
 

@@ -44,12 +44,15 @@ def plan_table(plan) -> Table:
     (measured when the verify loop attributed the model's error to layers)."""
     corrected = any(lp.correction != 1.0 for lp in plan.layers)
     alone = any(lp.measured_output_error is not None for lp in plan.layers)
+    timed = any(lp.dense_ms is not None for lp in plan.layers)
     t = Table(title="sketchpass plan", show_lines=False, header_style="bold")
     cols = [("layer", "left"), ("op", "left"), ("shape", "left"), ("decision", "left"), ("params", "right"),
             ("MACs", "right"), ("weight" if corrected else "sens.", "right"), ("pred. err", "right"),
             ("meas. err", "right")]
     if alone:
         cols.append(("alone", "right"))
+    if timed:
+        cols.append(("ms", "right"))
     cols.append(("note", "left"))
     for col, just in cols:
         t.add_column(col, justify=just, overflow="fold")
@@ -60,6 +63,8 @@ def plan_table(plan) -> Table:
                f"{d.predicted_error:.4f}" if d.method != "dense" else "", _num(d.measured_error)]
         if alone:
             row.append(_num(lp.measured_output_error))
+        if timed:
+            row.append("" if lp.dense_ms is None else f"{lp.dense_ms:.3g}→{(d.ms or lp.dense_ms):.3g}")
         row.append(d.reason or "")
         t.add_row(*row)
     return t
@@ -88,6 +93,33 @@ def verify_lines(plan) -> list[str]:
     return lines
 
 
+def latency_lines(plan) -> list[str]:
+    """The latency measured on the target: dense and compressed whole model with spread, requested and
+    predicted, every round of the latency loop."""
+    lt = plan.latency
+    if not lt:
+        return []
+    t = lt.get("target", {})
+    where = f"{t.get('name')} ({t.get('runtime')}, {t.get('threads')} threads; inputs {lt.get('input_shapes')})"
+    m = lt.get("measured")
+    if not m:
+        return [f"latency on {where}: dense {lt['dense_ms']:.3g} ms; predicted {lt.get('predicted_ms', 0):.3g} ms "
+                "(not measured yet)"]
+    lines = [f"latency on {where}: dense {m['dense_ms']:.3g} ± {m['dense_spread']:.2g} ms, compressed "
+             f"{m['ms']:.3g} ± {m['spread']:.2g} ms (measured together: ×{m['ratio']:.3f} of dense); requested "
+             f"{lt['requested_ms']:.3g} ms of the dense {lt['dense_ms']:.3g} ms measured when planning, predicted "
+             f"{lt['predicted_ms']:.3g} ms; {'met' if lt.get('met') else 'NOT met'}"]
+    rounds = lt.get("rounds") or []
+    if len(rounds) > 1:
+        lines.append("latency loop: " + "; ".join(
+            f"round {r['round']}: predicted {r['latency_predicted_ms']:.3g} ms, measured {r['latency_ms']:.3g} ms"
+            for r in rounds if "latency_ms" in r))
+    if "forms_timed" in lt:
+        lines.append(f"timing table {lt['table']}: {lt['forms_timed']} forms timed, {lt['forms_from_table']} read "
+                     "from the table")
+    return lines
+
+
 def summary_lines(plan) -> list[str]:
     t = plan.totals
     lines = []
@@ -99,6 +131,7 @@ def summary_lines(plan) -> list[str]:
         lines.append(f"params {t['params_before']:,} → {t['params_after']:,}    "
                      f"MACs/sample {t['macs_before']:,} → {t['macs_after']:,}")
         lines.extend(verify_lines(plan))
+        lines.extend(latency_lines(plan))
     counts: dict[str, int] = {}
     for lp in plan.layers:
         key = decision_text(lp.decision).split(" ")[0]

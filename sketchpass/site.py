@@ -58,3 +58,5 @@ class LayerInput:
     samples: int
     p_in: int
     p_out: int
+    shape: tuple | None = None  # the raw input's shape (what a standalone timing of the layer feeds it)
+    dtype: torch.dtype | None = None

@@ -14,6 +14,18 @@ import torch
 ALLOWED_SKIPS = ("CUDA",)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_timing_table(tmp_path_factory):
+    """Latency timings measured by the tests go to a table of their own, not the user's."""
+    old = os.environ.get("SKETCHPASS_TIMING_TABLE")
+    os.environ["SKETCHPASS_TIMING_TABLE"] = str(tmp_path_factory.mktemp("timings") / "timings.json")
+    yield
+    if old is None:
+        os.environ.pop("SKETCHPASS_TIMING_TABLE", None)
+    else:
+        os.environ["SKETCHPASS_TIMING_TABLE"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny GEMMs: one thread is several times faster than two on a shared 2-core machine."""

@@ -215,6 +215,8 @@ class TorchFrontend:
         stats: dict[str, list[int]] = {}
 
         def visit(site, inp):
+            site.extra.setdefault("input_shape", inp.shape)
+            site.extra.setdefault("input_dtype", inp.dtype)
             st = stats.setdefault(site.name, [0, 0])
             st[0] += inp.p_in
             st[1] += inp.p_out
@@ -326,6 +328,32 @@ class TorchFrontend:
 
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
         return fo.single_layer_errors(self.cap.model, sites, self._fitted, self._module_in, batches)
+
+    # ----------------------------------------------------------------- latency
+    def timing_signature(self) -> str:
+        return f"channels_last={int(self._channels_last)}"
+
+    def time_forms(self, site, forms, target) -> dict:
+        from .timing import time_forms
+
+        return time_forms(site, forms, target, channels_last=self._channels_last, rounds=5, min_round_ms=10.0)
+
+    def dense_model(self) -> nn.Module:
+        """What the compressed model is timed against: a copy of the user's model (same class, same forward)."""
+        if getattr(self, "_dense_copy", None) is None:
+            self._dense_copy = copy.deepcopy(self.model).eval()
+        return self._dense_copy
+
+    def timing_batch(self, first, example):
+        batch = first if first is not None else example
+        if batch is not None and self._channels_last:
+            batch = to_channels_last(batch)
+        return batch
+
+    def time_models(self, models: dict, batch, target) -> dict:
+        from .timing import time_models
+
+        return time_models(models, batch, target)
 
 
 def frontend(model: Any, o: Options, capture_mode: str | None = None) -> TorchFrontend:

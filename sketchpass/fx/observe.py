@@ -32,7 +32,8 @@ def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | N
     spec = site.spec
     if spec.op == "linear":
         rows = x.reshape(-1, spec.d_in)
-        return LayerInput(rows, x.shape[0] if x.dim() > 1 else 1, rows.shape[0], rows.shape[0])
+        return LayerInput(rows, x.shape[0] if x.dim() > 1 else 1, rows.shape[0], rows.shape[0], tuple(x.shape),
+                          x.dtype)
     n = x.shape[0]
     pad = mod.padding
     if isinstance(pad, str):
@@ -44,7 +45,7 @@ def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | N
     else:
         p_out = n * math.prod((xp.shape[2 + i] - mod.dilation[i] * (mod.kernel_size[i] - 1) - 1) // mod.stride[i] + 1
                               for i in range(len(mod.kernel_size)))
-    return LayerInput(xp, n, p_in, p_out)
+    return LayerInput(xp, n, p_in, p_out, tuple(x.shape), x.dtype)
 
 
 def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site], nn.Module], batch,

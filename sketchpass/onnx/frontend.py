@@ -151,6 +151,7 @@ class OnnxFrontend:
                 unknown += 1
                 s.spec.p_in = s.spec.p_out = 1
                 continue
+            s.extra.setdefault("input_shape", tuple(xs))
             if s.kind == "Conv":
                 s.spec.p_in, s.spec.p_out = max(1, math.prod(xs[2:])), max(1, math.prod(ys[2:]))
             else:
@@ -256,6 +257,42 @@ class OnnxFrontend:
 
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
         return ob.single_layer_errors(self.m, sites, self._fitted, batches)
+
+    # ----------------------------------------------------------------- latency
+    def timing_signature(self) -> str:
+        return f"u_storage={self.o.u_storage}"
+
+    def time_forms(self, site, forms, target) -> dict:
+        from .timing import time_forms
+
+        return time_forms(site, forms, target, opset=self._opset(), storage=self.o.u_storage, rounds=5,
+                          min_round_ms=10.0)
+
+    def dense_model(self):
+        return self.m
+
+    def timing_batch(self, first, example):
+        """The feed whole models are timed on: the first calibration batch, else ``example_inputs`` (a feed
+        dict, or ``{name: shape}`` filled with random values)."""
+        if first is not None:
+            return first
+        if example is None:
+            return None
+        if not isinstance(example, dict):
+            example = {self.inputs[0].name: example}
+        rng = np.random.default_rng(0)
+        feed = {}
+        for info in self.inputs:
+            v = example[info.name]
+            if isinstance(v, (tuple, list)):
+                v = rng.standard_normal(v) if info.dtype.kind == "f" else np.zeros(v)
+            feed[info.name] = np.asarray(v).astype(info.dtype)
+        return feed
+
+    def time_models(self, models: dict, batch, target) -> dict:
+        from .timing import time_models
+
+        return time_models(models, batch, target)
 
 
 # --------------------------------------------------------------------------- export

@@ -120,12 +120,12 @@ def layer_input(site: Site, x: np.ndarray) -> LayerInput:
         for size, k, s, d in zip(xp.shape[2:], a["kernel"], a["strides"], a["dilations"]):
             p_out *= (size - d * (k - 1) - 1) // s + 1
         n = t.shape[0]
-        return LayerInput(xp, n, math.prod(t.shape[2:]) * n, p_out * n)
+        return LayerInput(xp, n, math.prod(t.shape[2:]) * n, p_out * n, tuple(x.shape), t.dtype)
     if ref.kind == "Gemm" and ref.attrs.get("transA"):
         t = t.T
     rows = t.reshape(-1, spec.d_in)
     n = int(x.shape[0]) if x.ndim else 1
-    return LayerInput(rows, n, rows.shape[0], rows.shape[0])
+    return LayerInput(rows, n, rows.shape[0], rows.shape[0], tuple(x.shape), t.dtype)
 
 
 def perturbation_model(model: onnx.ModelProto, sites: list[Site]) -> tuple[onnx.ModelProto, dict]:
