@@ -673,7 +673,11 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         # ---- the latency budget first: it must hold
         if lat is not None and not lat_ok and lat_rounds < o.latency_rounds:
             lat_rounds += 1
-            lat["offset"] += rec["latency_ms"] - rec["latency_predicted_ms"]
+            # the offset: the mean, over the rounds measured so far, of what the whole model took beyond what its
+            # layer times predict (one measurement alone is noisy; the mean settles)
+            resid = [r["latency_ms"] - (r["latency_predicted_ms"] - r["latency_offset"]) for r in rounds
+                     if "latency_ms" in r]
+            lat["offset"] = sum(resid) / len(resid)
             weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
             try:
                 decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,

@@ -3,10 +3,11 @@
 A key joins the target (runtime and version, device, threads — :meth:`Target.key`), the layer's op and
 geometry, its input shape and dtype, and the form (``dense``, ``svd`` with its rank, ``sketch`` with its
 ``m``).  Planning the same model again on the same target reads its forms from the table instead of
-timing them.  The default table is ``$SKETCHPASS_TIMING_TABLE`` or ``<cache>/latency/timings.json`` (``$SKETCHPASS_CACHE``, else
-``$XDG_CACHE_HOME/sketchpass``, else ``~/.cache/sketchpass``); ``timing_table=`` names another file, e.g. one
-built for a device with ``sketchpass profile`` and copied along.  Writes are atomic (temporary file and
-rename), so a run that is interrupted never leaves a half-written table.
+timing them.  The default table is ``$SKETCHPASS_TIMING_TABLE`` or ``<cache>/latency/timings.json``
+(``$SKETCHPASS_CACHE``, else ``$XDG_CACHE_HOME/sketchpass``, else ``~/.cache/sketchpass``);
+``timing_table=`` names another file, e.g. one built for a device with ``sketchpass profile`` and copied
+along.  Writes are atomic (temporary file and rename), so a run that is interrupted never leaves a
+half-written table.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ def session(model: onnx.ModelProto, target: Target):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = target.threads
+    # idle sessions must not spin their thread pools while another one is being timed (on a machine with few
+    # cores the spinning threads of one session would slow the other one down)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [target.provider] + (["CPUExecutionProvider"] if target.provider != "CPUExecutionProvider" else [])
     if needs_external(model):
         import tempfile

@@ -1,0 +1,149 @@
+"""Latency budgets: the solver on synthetic timing tables, the never-slower and Pareto rules, timing-table
+keys and persistence, targets, and end to end on both frontends (no timed assertions: what is checked is
+that the measured numbers are recorded and that the plan's own measurement meets its budget)."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sketchpass as sp
+from sketchpass.budget import Candidate, InfeasibleBudgetError, solve
+from sketchpass.candidates import Form
+from sketchpass.latency import Timing, TimingCache, available_targets, measure, resolve_target
+from sketchpass.latency.stage import form_key, pareto, timed_subset, within_latency
+from sketchpass.plan import LayerSpec
+from sketchpass.site import Site
+
+
+# --------------------------------------------------------------------------- solver on measured costs
+def test_latency_solver_handles_non_monotone_costs_and_names_the_fastest_plan():
+    """Layer A's rank-16 form is *slower* than its rank-32 one (latency is not monotone in rank): the solver
+    must pick by measured time, not size."""
+    def c(ms, loss, tag):
+        return Candidate({"latency": ms, "params": 1.0}, loss, tag)
+
+    layers = [[c(10.0, 0.0, "A dense"), c(8.0, 0.5, "A r16"), c(4.0, 0.3, "A r32")],
+              [c(6.0, 0.0, "B dense"), c(3.0, 0.4, "B r8")]]
+    pick = solve(layers, {"latency": 11.0}, {"latency": 1.0})
+    assert [layers[i][j].tag for i, j in enumerate(pick)] == ["A r32", "B dense"]
+    with pytest.raises(InfeasibleBudgetError, match=r"latency budget 5 ms cannot be met: the fastest plan the "
+                                                    r"measured layer times allow is 8 ms"):
+        solve(layers, {"latency": 5.0}, {"latency": 1.0})
+    # three units at once: every limit holds
+    three = [[Candidate({"latency": 10, "params": 100, "flops": 100}, 0.0), Candidate({"latency": 4, "params": 60,
+              "flops": 20}, 0.2), Candidate({"latency": 6, "params": 20, "flops": 60}, 0.3)]] * 3
+    pick = solve(three, {"latency": 24, "params": 200, "flops": 220})
+    tot = {u: sum(three[i][j].cost[u] for i, j in enumerate(pick)) for u in ("latency", "params", "flops")}
+    assert tot["latency"] <= 24 and tot["params"] <= 200 and tot["flops"] <= 220
+
+
+def test_never_slower_and_pareto_front():
+    forms = [Form("svd", 8, 0, 0, 0.5, ms=3.0), Form("svd", 16, 0, 0, 0.3, ms=2.0),  # r16 faster and better
+             Form("svd", 24, 0, 0, 0.2, ms=2.5), Form("svd", 32, 0, 0, 0.1, ms=5.0),  # r32 slower than dense
+             Form("sketch", 8, 0, 0, 0.25, ms=2.6)]
+    kept = pareto(forms, dense_ms=4.0)
+    assert [(f.method, f.size) for f in kept] == [("svd", 16), ("svd", 24)]
+    assert all(f.ms < 4.0 for f in kept)
+    grid = [Form("svd", r, 0, 0, 1 / r) for r in range(8, 200, 8)] + [Form("sketch", 8, 0, 0, 0.5)]
+    sub = timed_subset(grid, 5)
+    assert [f.size for f in sub if f.method == "svd"][0] == 8 and [f.size for f in sub if f.method == "svd"][-1] == 192
+    assert sum(f.method == "svd" for f in sub) == 5 and any(f.method == "sketch" for f in sub)
+    assert within_latency(10.2, 0.5, 10.0, 20.0) and not within_latency(10.5, 0.2, 10.0, 20.0)
+    assert not within_latency(9.0, 0.1, 10.0, 9.0)  # never slower than dense
+
+
+# --------------------------------------------------------------------------- table, keys, targets
+def test_timing_table_keys_and_persistence(tmp_path):
+    t1 = resolve_target("torch-cpu", "torch", threads=1)
+    t2 = resolve_target("torch-cpu", "torch", threads=2)
+    site = Site("fc", LayerSpec("fc", "linear", 64, 32, bias=True), "Linear",
+                extra={"input_shape": (8, 64), "input_dtype": torch.float32})
+    k = form_key(t1, site, "svd", 8, 1, "")
+    assert k != form_key(t2, site, "svd", 8, 1, "") != form_key(t1, site, "svd", 16, 1, "")
+    site2 = Site("fc", LayerSpec("fc", "linear", 64, 32, bias=True), "Linear",
+                 extra={"input_shape": (16, 64), "input_dtype": torch.float32})
+    assert k != form_key(t1, site2, "svd", 8, 1, "") and t1.runtime in k and t1.device in k
+    path = tmp_path / "t.json"
+    c = TimingCache(path)
+    assert c.get(k) is None
+    c.put(k, Timing(1.5, 0.1, 5, 10))
+    c.save()
+    again = TimingCache(path)
+    assert again.get(k) == Timing(1.5, 0.1, 5, 10) and again.hits == 1
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        TimingCache(path)
+
+
+def test_targets_are_checked():
+    assert "torch-cpu" in available_targets()
+    with pytest.raises(ValueError, match="unknown target 'tpu'.*available here: torch-cpu"):
+        resolve_target("tpu", "torch")
+    with pytest.raises(ValueError, match="target 'ort-cpu' runs ONNX models; this is a PyTorch model"):
+        resolve_target("ort-cpu", "torch")
+    if "torch-cuda" not in available_targets():
+        with pytest.raises(ValueError, match="'torch-cuda' is not available on this machine"):
+            resolve_target("torch-cuda", "torch")
+
+
+def test_measure_interleaves_and_reports_median_and_spread():
+    calls = []
+    out = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=4, warmup=1,
+                  min_round_ms=0.01, max_calls=3)
+    assert set(out) == {"a", "b"} and all(t.ms > 0 and t.spread >= 0 and t.rounds == 4 for t in out.values())
+    body = calls[4:]  # after the warm-up and the calibration calls, rounds alternate between the two
+    assert body[:3] == ["a"] * out["a"].calls or body[:3] == ["b"] * 3
+
+
+# --------------------------------------------------------------------------- end to end
+def _mlp():
+    """Wide enough that a layer takes milliseconds (sub-millisecond models measure mostly call overhead)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                         nn.Linear(2048, 512)).eval()
+
+
+def test_torch_latency_budget_end_to_end_and_the_warm_table():
+    model = _mlp()
+    calib = [torch.randn(64, 1024) for _ in range(4)]
+    small = sp.transform(model, "latency=0.6", calib=calib, method="svd")
+    p = small.sketchpass_plan
+    lt = p.latency
+    assert lt["target"]["name"] == "torch-cpu" and lt["input_shapes"] == {"input": [64, 1024]}
+    assert lt["met"] and lt["measured"]["ms"] > 0 and lt["measured"]["spread"] >= 0
+    assert lt["measured"]["ratio"] < 1  # never slower than dense, as measured together
+    assert lt["measured"]["normalised_ms"] - lt["measured"]["normalised_spread"] <= lt["requested_ms"]
+    factored = [lp for lp in p.layers if lp.decision.method != "dense"]
+    assert factored and all(lp.decision.ms < lp.dense_ms for lp in factored)
+    assert lt["forms_timed"] > 0
+    again = sp.plan(model, "latency=0.6", calib=calib, method="svd")
+    assert again.latency["forms_timed"] == 0 and again.latency["forms_from_table"] == lt["forms_timed"]
+    assert "latency on torch-cpu" in p.report() and "ms" in p.report()
+    with pytest.raises(ValueError, match="a latency budget needs input shapes"):
+        sp.plan(model, "latency=0.6")
+
+
+def test_onnx_latency_budget_end_to_end():
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import sketchpass.onnx as spx
+
+    model = _mlp()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 1024),), f, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "N"}})
+    m = onnx.load_from_string(f.getvalue())
+    calib = [{"x": torch.randn(64, 1024).numpy()} for _ in range(4)]
+    small = sp.transform(m, "latency=0.6", calib=calib, method="svd", threads=2)
+    p = spx.plan_of(small)
+    assert p.latency["target"]["name"] == "ort-cpu" and p.latency["target"]["threads"] == 2
+    assert p.latency["met"] and p.latency["measured"]["ratio"] < 1
+    assert all(lp.decision.ms < lp.dense_ms for lp in p.layers if lp.decision.method != "dense")
+    onnx.checker.check_model(small, full_check=True)
+    with pytest.raises(InfeasibleBudgetError, match="latency budget .* (cannot|could not) be met"):
+        sp.plan(m, "latency=0.01", calib=calib, method="svd")
