@@ -116,7 +116,7 @@ def latency_lines(plan) -> list[str]:
             for r in rounds if "latency_ms" in r))
     if "forms_timed" in lt:
         lines.append(f"timing table {lt['table']}: {lt['forms_timed']} forms timed, {lt['forms_from_table']} read "
-                     "from the table")
+                     "from the table" + (f" ({lt['timing_s']:.3g} s)" if "timing_s" in lt else ""))
     return lines
 
 

@@ -147,3 +147,102 @@ def test_onnx_latency_budget_end_to_end():
     onnx.checker.check_model(small, full_check=True)
     with pytest.raises(InfeasibleBudgetError, match="latency budget .* (cannot|could not) be met"):
         sp.plan(m, "latency=0.01", calib=calib, method="svd")
+
+
+# --------------------------------------------------------------------------- what is timed is what is emitted
+FORMS = [("svd", 4, 1), ("sketch", 4, 1), ("sketch", 4, 2)]
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d", "conv1d", "grouped"])
+def test_torch_timed_forms_are_the_emitted_modules(op):
+    """The torch target times ``form_module``: the same class and the same parameter and buffer shapes as the
+    module the rewrite emits (``factor_module``), for every form."""
+    from sketchpass.fx.match import spec_of
+    from sketchpass.layers import factor_module, form_module
+
+    torch.manual_seed(0)
+    dense = {"linear": nn.Linear(12, 10), "conv2d": nn.Conv2d(6, 8, 3, stride=2, padding=1),
+             "conv1d": nn.Conv1d(6, 8, 3, padding=2, dilation=2), "grouped": nn.Conv2d(8, 8, 3, groups=2)}[op]
+    spec = spec_of("layer", dense)
+    assert type(form_module(spec, "dense")) is type(dense)
+    for method, size, l in FORMS:
+        kw = {"rank": size} if method == "svd" else {"k": size // l, "l": l}
+        emitted = factor_module(dense, method, name="layer", **kw)
+        timed = form_module(spec, method, size, l, name="layer")
+        assert type(timed) is type(emitted)
+        shapes = lambda m: {n: tuple(t.shape) for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+        assert shapes(timed) == shapes(emitted)
+        x = torch.randn(2, *([12] if op == "linear" else [dense.in_channels, 9, 9][: 3 if op != "conv1d" else 2]))
+        assert timed(x).shape == dense(x).shape
+
+
+def test_onnx_timed_forms_compute_what_their_modules_compute():
+    """Every emission variant the ort targets time (dense node, svd chain, SK conv branches, SK linear chain,
+    U stored as floats, int8 or bits; Conv with pads and strides, grouped Conv, Conv1d, Gemm, MatMul) runs in
+    ONNX Runtime and computes its module's function: what is timed is a real emitted form."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx_graphsurgeon")
+    import numpy as np
+    import torch.nn.functional as F
+
+    from sketchpass.onnx.frontend import OnnxFrontend, _bias_of
+    from sketchpass.onnx.timing import form_model
+    from sketchpass.options import Options
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=(1, 2), groups=2, bias=False)
+            self.c3 = nn.Conv1d(8, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 10)  # on (N, L, 6): MatMul
+            self.head = nn.Linear(10 * 5, 7)  # on (N, 50): Gemm
+
+        def forward(self, x):
+            h = self.c2(torch.relu(self.c1(x)))  # (N, 8, 5, 7)
+            h = self.c3(h.mean(-1))  # (N, 6, 5)
+            h = self.fc(h.transpose(1, 2))  # (N, 5, 10)
+            return self.head(h.flatten(1))
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(2, 4, 10, 10),), f, dynamo=False, input_names=["x"])
+    m = onnx.shape_inference.infer_shapes(onnx.load_from_string(f.getvalue()))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*m.graph.value_info,
+                                                                                     *m.graph.input]}
+    fe = OnnxFrontend(m, Options())
+    sites = [s for s in fe.sites() if s.skip is None]
+    assert sorted(s.kind for s in sites) == ["Conv", "Conv", "Conv", "Gemm", "MatMul"]
+    rng = np.random.default_rng(0)
+    checked = 0
+    for s in sites:
+        s.extra["input_shape"] = shapes[s.ref.x]
+        x = rng.standard_normal(s.extra["input_shape"]).astype(np.float32)
+        xt = torch.from_numpy(x).double()
+        if s.kind == "Conv":  # the modules take explicitly padded inputs
+            p = list(s.ref.attrs["pads"])
+            n = len(p) // 2
+            xt = F.pad(xt, [v for i in reversed(range(n)) for v in (p[i], p[i + n])])
+        b = _bias_of(s)
+        storages = {"svd": ["float"], "sketch": ["float", "int8", "bits"]}
+        variants = [("dense", None, 1, "float")] + [(mt, sz, l, st) for mt, sz, l in FORMS for st in storages[mt]]
+        for method, size, l, storage in variants:
+            model, mod = form_model(s, method, size, l, opset=17, storage=storage)
+            onnx.checker.check_model(model)
+            got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+                None, {s.ref.x: x})[0]
+            ref_mod = s.dense.double() if mod is None else mod.double()
+            with torch.no_grad():
+                for name, prm in ref_mod.named_parameters():
+                    if name.endswith("bias"):
+                        prm.zero_()  # the node's own bias is what the graph adds
+                want = ref_mod(xt)
+            if b is not None:
+                want = want + b.reshape((-1,) + (1,) * (want.dim() - 2) if s.kind == "Conv" else (-1,))
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                       err_msg=f"{s.name} {method}:{size} l={l} {storage}")
+            checked += 1
+    assert checked == 5 * (1 + 1 + 2 * 3)  # dense, svd, two sketch forms in three storages

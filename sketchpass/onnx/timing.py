@@ -71,8 +71,7 @@ def _model(site: Site, nodes, inits, shape, dtype, opset: int) -> onnx.ModelProt
         c = node.inputs[2]
         vals = np.asarray(getattr(c, "values", np.zeros(site.spec.d_out)), dtype=dtype)
         inits.append(numpy_helper.from_array(vals, c.name))
-    y = onnx.ValueInfoProto()
-    y.name = site.ref.y
+    y = helper.make_tensor_value_info(site.ref.y, t, [None] * len(shape))  # same rank, dims left to the runtime
     x = helper.make_tensor_value_info(site.ref.x, t, list(shape))
     g = helper.make_graph(nodes, f"timing_{site.name}", [x], [y], initializer=inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
@@ -80,22 +79,29 @@ def _model(site: Site, nodes, inits, shape, dtype, opset: int) -> onnx.ModelProt
     return m
 
 
+def form_model(site: Site, method: str, size: int | None, l: int, *, opset: int, storage: str = "float"):
+    """The one-layer model a form of ``site`` is timed as, and the module it was emitted from (``None`` for
+    the dense node itself): the layer's input, the form's nodes from the real emitter, the layer's output."""
+    dtype = site.weight.numpy().dtype
+    mod = None
+    if method == "dense":
+        nodes, inits = _dense_nodes(site, dtype)
+    else:
+        spec = dataclasses.replace(site.spec, padding=0)  # the module's weights are all the emitter takes
+        with torch.no_grad():
+            mod = form_module(spec, method, size, l, dtype=torch.float64, name=site.name)
+        nodes, inits = emit_protos(site, mod, dtype=dtype, storage=storage, names=set(), opset=opset)
+    return _model(site, nodes, inits, site.extra["input_shape"], dtype, opset), mod
+
+
 def time_forms(site: Site, forms: list[tuple[str, str, int | None, int]], target: Target, *, opset: int,
                storage: str = "float", **kw) -> dict:
     """``{key: Timing}`` of the forms ``(key, method, size, l)`` of ``site``, measured together."""
     dtype = site.weight.numpy().dtype
-    shape = site.extra["input_shape"]
-    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-    spec = dataclasses.replace(site.spec, padding=0)  # the module's weights are all the emitter takes
+    x = np.random.default_rng(0).standard_normal(site.extra["input_shape"]).astype(dtype)
     fns = {}
     for key, method, size, l in forms:
-        if method == "dense":
-            nodes, inits = _dense_nodes(site, dtype)
-        else:
-            with torch.no_grad():
-                mod = form_module(spec, method, size, l, dtype=torch.float64, name=site.name)
-            nodes, inits = emit_protos(site, mod, dtype=dtype, storage=storage, names=set(), opset=opset)
-        sess = session(_model(site, nodes, inits, shape, dtype, opset), target)
+        sess = session(form_model(site, method, size, l, opset=opset, storage=storage)[0], target)
         feed = {site.ref.x: x}
         fns[key] = (lambda s=sess, f=feed: s.run(None, f))
     return measure(fns, **kw)
