@@ -49,7 +49,7 @@ import torch
 from .batches import Calib
 from .budget import Budget, InfeasibleBudgetError
 from .calib import CrossGramAccumulator, GramAccumulator
-from .latency.stage import within_latency
+from .latency.stage import next_offset, within_latency
 from .layers import factor_module, with_weight
 from .options import Options
 from .plan import Decision, Plan, SkipReason
@@ -676,11 +676,11 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         # ---- the latency budget first: it must hold
         if lat is not None and not lat_ok and lat_rounds < o.latency_rounds:
             lat_rounds += 1
-            # the offset: the mean, over the rounds measured so far, of what the whole model took beyond what its
-            # layer times predict (one measurement alone is noisy; the mean settles)
-            resid = [r["latency_ms"] - (r["latency_predicted_ms"] - r["latency_offset"]) for r in rounds
-                     if "latency_ms" in r]
-            lat["offset"] = sum(resid) / len(resid)
+            # the offset from what the whole model took against what its layer times predict, over the rounds
+            # measured so far (a constant part from one round; with more, a line through them: next_offset)
+            lat["offset"] = next_offset([(r["latency_predicted_ms"] - r["latency_offset"] - lat["total"],
+                                          r["latency_ms"]) for r in rounds if "latency_ms" in r],
+                                        lat["total"], limit)
             weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
             try:
                 decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,

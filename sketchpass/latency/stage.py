@@ -89,3 +89,34 @@ def time_candidates(fe, sites: list[Site], choices: list, target: Target, cache:
 def within_latency(measured: float, spread: float, limit: float, dense: float) -> bool:
     """Met: at most the limit within the measured spread and at most 3% over it, and faster than dense."""
     return measured - spread <= limit and measured <= 1.03 * limit and measured < dense
+
+
+def next_offset(rounds: list[tuple[float, float]], total: float, limit: float) -> float:
+    """The offset for the next solve from the rounds measured so far, each ``(layer_delta, measured)``: the
+    sum over the free layers of (chosen form's time − dense time) and the whole emitted model's time.
+
+    The solver predicts ``total + offset + layer_delta``.  Layer times measured one by one do not add up to
+    the whole model's exactly: there is a constant part (per-node overhead, memory traffic between layers)
+    and a proportional one (a saving measured alone is worth ``α`` of it inside the model).  One round gives
+    the constant part alone (``offset = measured − total − layer_delta``); two or more give the line
+    ``measured ≈ total + c + α · layer_delta`` (least squares, a secant step for two rounds), and the offset
+    is the one under which the solver's budget ``total + offset + layer_delta ≤ limit`` asks for the
+    ``layer_delta`` that line says meets ``limit``.  An implausible slope (noise, rounds too close together)
+    falls back to the mean constant part."""
+    resid = [m - total - d for d, m in rounds]
+    mean_offset = sum(resid) / len(resid)
+    if len(rounds) < 2:
+        return mean_offset
+    ds = [d for d, _ in rounds]
+    ms = [m for _, m in rounds]
+    n = len(rounds)
+    md, mm = sum(ds) / n, sum(ms) / n
+    var = sum((d - md) ** 2 for d in ds)
+    if var <= (0.01 * total) ** 2 * n:  # the rounds' plans are too alike to tell a slope from noise
+        return mean_offset
+    alpha = sum((d - md) * (m - mm) for d, m in zip(ds, ms)) / var
+    if not 0.2 <= alpha <= 2.0:
+        return mean_offset
+    c = mm - total - alpha * md
+    want = (limit - total - c) / alpha  # the layer delta the line says meets the limit
+    return limit - total - want
