@@ -49,7 +49,8 @@ import torch
 from .batches import Calib
 from .budget import Budget, InfeasibleBudgetError
 from .calib import CrossGramAccumulator, GramAccumulator
-from .latency.stage import next_offset, within_latency
+from .latency import TimingCache
+from .latency.stage import next_offset, suspect_table, time_candidates, within_latency
 from .layers import factor_module, with_weight
 from .options import Options
 from .plan import Decision, Plan, SkipReason
@@ -676,11 +677,22 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         # ---- the latency budget first: it must hold
         if lat is not None and not lat_ok and lat_rounds < o.latency_rounds:
             lat_rounds += 1
-            # the offset from what the whole model took against what its layer times predict, over the rounds
-            # measured so far (a constant part from one round; with more, a line through them: next_offset)
-            lat["offset"] = next_offset([(r["latency_predicted_ms"] - r["latency_offset"] - lat["total"],
-                                          r["latency_ms"]) for r in rounds if "latency_ms" in r],
-                                        lat["total"], limit)
+            if not lat.get("retimed") and suspect_table(m["ratio"], m["normalised_ms"], pred_ms, lat["total"]):
+                # so far off that the layer times are in doubt: time every offered form again, once
+                with progress_bar("re-timing", sum(c.fixed is None for c in choices), o.progress) as adv:
+                    info = time_candidates(fe, sites, choices, lat["target"], TimingCache(o.timing_table), l=o.l,
+                                           max_svd=o.timing_sizes, progress=adv, refresh=True)
+                lat["retimed"], lat["since"], lat["offset"] = True, len(rounds), 0.0
+                lat["info"]["forms_retimed"] = info["forms_timed"]
+                rec["note"] = (f"measured {m['normalised_ms']:.3g} ms against {pred_ms:.3g} ms predicted: every "
+                               "layer form timed again (the table's times were in doubt)")
+            else:
+                # the offset from what the whole model took against what its layer times predict, over the rounds
+                # measured since the layer times were last taken (a constant part from one round; with more, a
+                # line through them: next_offset)
+                lat["offset"] = next_offset([(r["latency_predicted_ms"] - r["latency_offset"] - lat["total"],
+                                              r["latency_ms"]) for r in rounds[lat.get("since", 0):]
+                                             if "latency_ms" in r], lat["total"], limit)
             weights = [s.sensitivity * corr.get(s.name, 1.0) for s in sites]
             try:
                 decisions = choose(choices, weights, budget, model_params=model_params, model_macs=model_macs,

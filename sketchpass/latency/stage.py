@@ -50,9 +50,10 @@ def form_key(target: Target, site: Site, method: str, size: int | None, l: int, 
 
 
 def time_candidates(fe, sites: list[Site], choices: list, target: Target, cache: TimingCache, *, l: int,
-                    max_svd: int, progress=None) -> dict:
+                    max_svd: int, progress=None, refresh: bool = False) -> dict:
     """Attach measured times to every free layer's dense form and candidate forms (see module docstring);
-    returns how many forms were timed and how many came from the table."""
+    returns how many forms were timed and how many came from the table.  ``refresh``: time every form
+    again and overwrite its table entry."""
     timed = cached = 0
     free = [(s, c) for s, c in zip(sites, choices) if c.fixed is None]
     for s, _ in free:
@@ -64,7 +65,7 @@ def time_candidates(fe, sites: list[Site], choices: list, target: Target, cache:
         forms = timed_subset(c.forms, max_svd)
         todo = [("dense", "dense", None, 1)] + [(f"{f.method}:{f.size}", f.method, f.size, l) for f in forms]
         keys = {k: form_key(target, s, m, size, ll, extra) for k, m, size, ll in todo}
-        got = {k: cache.get(keys[k]) for k, *_ in todo}
+        got = {k: (None if refresh else cache.get(keys[k])) for k, *_ in todo}
         missing = [t for t in todo if got[t[0]] is None]
         if missing:
             # the dense form is timed with the others when any is missing, so their ratios are measured together
@@ -84,6 +85,13 @@ def time_candidates(fe, sites: list[Site], choices: list, target: Target, cache:
             progress(1, s.name)
     cache.save()
     return {"forms_timed": timed, "forms_from_table": cached, "table": str(cache.path)}
+
+
+def suspect_table(measured_ratio: float, measured_ms: float, predicted_ms: float, total: float) -> bool:
+    """The emitted model measured so far from its prediction that the layer times it was planned on are in
+    doubt (timed on a busy machine, or a table from another setup): slower than dense, or a quarter of the
+    dense time off the prediction."""
+    return measured_ratio >= 1.0 or abs(measured_ms - predicted_ms) > 0.25 * total
 
 
 def within_latency(measured: float, spread: float, limit: float, dense: float) -> bool:
