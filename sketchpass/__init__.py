@@ -6,7 +6,7 @@ See DESIGN §2 for the public API.  Importing this package never imports onnx.
 from __future__ import annotations
 
 from . import sketch
-from .api import apply, plan, profile, transform
+from .api import apply, load, plan, profile, transform
 from .budget import Budget, InfeasibleBudgetError
 from .finetune import finetune
 from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, SKConv1d, SKConv2d, SKLinear
@@ -26,6 +26,7 @@ __all__ = [
     "SkipReason",
     "apply",
     "finetune",
+    "load",
     "plan",
     "profile",
     "transform",

@@ -89,3 +89,13 @@ def profile(model, calib=None, **options) -> dict:
     per layer its dense time, its fastest form and how many forms are faster than dense."""
     o = Options.from_kwargs(PLAN_KEYS, "profile", **options)
     return run_profile(_frontend(model, o), calib, o)
+
+
+def load(source, model=None):
+    """Rebuild a compressed model from what was saved of it (``small.save_pretrained(d)`` or
+    ``torch.save(small.state_dict(), f)``): its stored plan and weights, no recompression.  ``model``: the
+    uncompressed model (needed for a state-dict file; a Hugging Face folder is rebuilt from its config).
+    An ``.onnx`` path is read as it is (an ONNX model carries its plan in its metadata)."""
+    from .saved import load as load_saved
+
+    return load_saved(source, model)

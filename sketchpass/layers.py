@@ -506,17 +506,20 @@ def factor_module(dense: nn.Module, method: str, *, rank: int | None = None, k: 
 
 
 def form_module(spec, method: str, size: int | None = None, l: int = 1, *, dtype=None, device=None,
-                name: str = "") -> nn.Module:
+                name: str = "", seed: int = 0, dist: str = "rademacher") -> nn.Module:
     """A module of the shape of one candidate form of the layer ``spec`` (a
-    :class:`~sketchpass.plan.LayerSpec`), with fresh weights — what a standalone timing runs.  ``method``:
-    ``"dense"``, ``"svd"`` (``size`` = rank) or ``"sketch"`` (``size`` = ``m = k l``)."""
+    :class:`~sketchpass.plan.LayerSpec`), with fresh weights — what a standalone timing runs, and what
+    :func:`sketchpass.load` fills with saved weights.  ``method``: ``"dense"``, ``"svd"`` (``size`` = rank)
+    or ``"sketch"`` (``size`` = ``m = k l``; its sketches are keyed by ``seed``, ``name`` and ``dist``, as
+    in the emitted layer)."""
     fk = {"dtype": dtype, "device": device}
+    sk_kw = {"seed": seed, "name": name, "dist": dist, **fk}
     if spec.op == "linear":
         if method == "dense":
             return nn.Linear(spec.d_in, spec.d_out, bias=spec.bias, **fk)
         if method == "svd":
             return LowRankLinear(spec.d_in, spec.d_out, size, bias=spec.bias, **fk)
-        return SKLinear(spec.d_in, spec.d_out, size // l, l, bias=spec.bias, name=name, **fk)
+        return SKLinear(spec.d_in, spec.d_out, size // l, l, bias=spec.bias, **sk_kw)
     conv, lr, sk = ((nn.Conv1d, LowRankConv1d, SKConv1d) if spec.op == "conv1d" else
                     (nn.Conv2d, LowRankConv2d, SKConv2d))
     geo = {"stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation, "groups": spec.groups}
@@ -524,4 +527,4 @@ def form_module(spec, method: str, size: int | None = None, l: int = 1, *, dtype
         return conv(spec.d_in, spec.d_out, spec.kernel, bias=spec.bias, **geo, **fk)
     if method == "svd":
         return lr(spec.d_in, spec.d_out, spec.kernel, size, bias=spec.bias, **geo, **fk)
-    return sk(spec.d_in, spec.d_out, spec.kernel, size // l, l, bias=spec.bias, name=name, **geo, **fk)
+    return sk(spec.d_in, spec.d_out, spec.kernel, size // l, l, bias=spec.bias, **geo, **sk_kw)

@@ -20,6 +20,7 @@ from .sketch.random import DISTRIBUTIONS
 METHODS = ("auto", "sketch", "svd")
 INIT_CHOICES = ("auto", "calibrated", "lstsq", "sketch", "random")
 CAPTURES = ("auto", "fx", "modules")
+BLOCKS = ("auto", "off")
 U_STORAGE = ("float", "int8", "bits")
 
 
@@ -41,8 +42,10 @@ class Options:
     Fitting and checking: ``shrink`` (Gram shrinkage: ``"auto"`` = Ledoit–Wolf, or a number in [0, 1]),
     ``refit`` (sequential refit on the inputs the compressed model produces), ``rounds`` (re-solves of the
     verify loop when the measured output error exceeds ``tolerance`` × the predicted one), ``capture``
-    (torch: ``"auto"``/``"fx"``/``"modules"``), ``u_storage`` and ``check`` (ONNX emission),
-    ``progress`` (bars on stderr; default: when stderr is a terminal).
+    (torch: ``"auto"``/``"fx"``/``"modules"``), ``blocks`` (torch, modules capture: ``"auto"`` chains
+    the refit block by block over a stack of repeated blocks when that is checked to reproduce the
+    model, ``"off"`` runs the model up to every layer; :mod:`sketchpass.fx.blocks`), ``u_storage`` and
+    ``check`` (ONNX emission), ``progress`` (bars on stderr; default: when stderr is a terminal).
 
     Latency budgets: ``target`` (the runtime the latency is measured on; default ``"torch-cpu"`` for PyTorch
     models, ``"ort-cpu"`` for ONNX ones; :mod:`sketchpass.latency.targets`), ``threads`` (default: torch's
@@ -70,6 +73,7 @@ class Options:
     rounds: int = 2
     tolerance: float = 3.0
     capture: str = "auto"
+    blocks: str = "auto"
     target: str | None = None
     timing_table: str | None = None
     threads: int | None = None
@@ -115,6 +119,8 @@ class Options:
             raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {self.dist!r}")
         if self.capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {self.capture!r}")
+        if self.blocks not in BLOCKS:
+            raise ValueError(f"blocks must be one of {BLOCKS}, got {self.blocks!r}")
         if self.u_storage not in U_STORAGE:
             raise ValueError(f"u_storage must be one of {U_STORAGE}, got {self.u_storage!r}")
         if self.shrink != "auto" and not (isinstance(self.shrink, (int, float)) and not isinstance(self.shrink, bool)
@@ -150,7 +156,7 @@ class Options:
 
     def check_frontend(self, frontend: str) -> None:
         """Refuse options that the other frontend alone can use."""
-        only = {"capture": "torch", "batch_size": "onnx", "u_storage": "onnx", "check": "onnx"}
+        only = {"capture": "torch", "blocks": "torch", "batch_size": "onnx", "u_storage": "onnx", "check": "onnx"}
         for name, owner in only.items():
             f = next(x for x in fields(self) if x.name == name)
             if owner != frontend and getattr(self, name) != f.default:
@@ -162,6 +168,6 @@ class Options:
 ALL_KEYS = frozenset(f.name for f in fields(Options))
 # what plan() and apply() take; transform() takes both
 APPLY_KEYS = frozenset({"max_batches", "batch_size", "holdout", "max_activation_mb", "shrink", "refit", "capture",
-                        "u_storage", "check", "progress", "max_gram_mb", "target", "threads"})
+                        "blocks", "u_storage", "check", "progress", "max_gram_mb", "target", "threads"})
 PLAN_KEYS = ALL_KEYS - {"u_storage", "check"}
 PLAN_ARGS = frozenset({"method", "seed"})  # named parameters of plan(), not **options

@@ -19,6 +19,7 @@ from torch import nn
 import sketchpass as sp
 from sketchpass.batches import Calib
 from sketchpass.fx.frontend import _split
+from sketchpass.saved import PLAN_KEY
 from sketchpass.store import Store
 
 ROOT = Path(sp.__file__).parent
@@ -109,7 +110,7 @@ def test_refit_through_disk_equals_refit_in_memory():
     r_mem, r_disk = mem.sketchpass_plan.verify["rounds"][0], disk.sketchpass_plan.verify["rounds"][0]
     assert r_mem["store_spilled"] == 0 and r_disk["store_spilled"] > 0 and r_disk["store_peak_mb"] <= 0.05
     sd1, sd2 = mem.state_dict(), disk.state_dict()
-    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1 if k != PLAN_KEY)  # the plans record the spills
 
 
 def test_a_generator_calibrates_like_a_list():
@@ -120,7 +121,7 @@ def test_a_generator_calibrates_like_a_list():
     b = sp.transform(model, sp.Budget(params=0.4), calib=(x for x in calib), method="svd", max_activation_mb=0.01)
     assert a.sketchpass_plan.calib == b.sketchpass_plan.calib
     sd1, sd2 = a.state_dict(), b.state_dict()
-    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1 if k != PLAN_KEY)
 
 
 # --------------------------------------------------------------------------- verify and the closed loop

@@ -33,8 +33,10 @@ from ..batches import (
 from ..options import Options
 from ..pipeline import SensitivityUnavailable
 from ..plan import Plan
+from ..saved import attach_plan
 from ..site import LayerInput, Site
 from . import observe as fo
+from .blocks import Call, block_index, check_chain, find_blocks, hidden_of, input_in_block, record_calls, shared_inputs
 from .match import find_sites
 from .rewrite import Segments, set_module
 from .trace import capture
@@ -101,6 +103,9 @@ class TorchFrontend:
         self._data: Calib | None = None
         self._replaced: dict[str, nn.Module] = {}
         self._order: list[str] | None = None
+        self._chain: list[str] | None = None
+        self._group: dict[str, tuple[int, int]] = {}
+        self._step_block: list[int | None] = []
 
     # ----------------------------------------------------------------- data and capture
     def calib(self, calib, o: Options) -> Calib:
@@ -132,15 +137,50 @@ class TorchFrontend:
             if folded:
                 self.notes.append(f"{folded} conv(s) followed by an inference-mode BatchNorm: their errors are "
                                   "weighed and measured after the BatchNorm (as in an export that folds it)")
-        if self.cap.capture == "modules":
-            self.notes.append("modules capture: the sequential refit runs the model up to every layer it fits (its "
-                              "cost grows with the square of the depth)")
+        self._chain = None
         if first is not None:
             self._channels_last = channels_last_ok(self.cap.model, first)
             if self._channels_last and self._data is not None:  # the passes run faster in that layout
                 self._data.prepare = to_channels_last
             if self.cap.capture == "modules":
                 self._order = self._call_order(first)
+                if self.o.blocks == "auto":
+                    self._chain = self._setup_chain(first)
+        if self.cap.capture == "modules" and self._chain is None:
+            self.notes.append("modules capture: the sequential refit runs the model up to every layer it fits (its "
+                              "cost grows with the square of the depth)")
+
+    def _setup_chain(self, first) -> list[str] | None:
+        """The repeated blocks the refit is chained over (:mod:`.blocks`), checked on the first batch; ``None``
+        (with a note saying why) when the model has none or chaining them does not reproduce it."""
+        paths = [s.ref for s in self._sites if s.skip is None]
+        blocks = find_blocks(self.cap.model, paths)
+        if blocks is None:
+            return None
+        parent = blocks[0].rpartition(".")[0] or "the model"
+        wanted = set(paths)
+        idx = [block_index(p, blocks) for p in (self._order or []) if p in wanted]
+        inside = [i for i, b in enumerate(idx) if b is not None]
+        why = None
+        if [idx[i] for i in inside] != sorted(idx[i] for i in inside):
+            why = "its layers are not called block by block"
+        elif inside and any(idx[i] is None for i in range(inside[0], inside[-1] + 1)):
+            why = "layers outside the blocks run between them"
+        probe = slice_batch(first, 2)
+        why = why or check_chain(self.cap.model, blocks, probe)
+        if why is not None:
+            self.notes.append(f"block-chained refit off ({why}): the refit runs the model up to every layer")
+            return None
+        # which layers of a block read the very same input (one refit step for them)
+        calls, h, _ = record_calls(self.cap.model, blocks, probe)
+        self._group = {}
+        for i, bp in enumerate(blocks):
+            mods = {s.ref: s.dense for s in self._sites if s.skip is None and s.ref.startswith(bp + ".")}
+            group, h = shared_inputs(self.cap.model.get_submodule(bp), calls[i], h, mods)
+            self._group.update({p: (i, g) for p, g in group.items()})
+        self.notes.append(f"modules capture: the sequential refit is chained block by block over the {len(blocks)} "
+                          f"blocks of {parent!r} (each step runs one block; the cost grows with the depth)")
+        return blocks
 
     def _batchnorms(self) -> int:
         """Convs whose only use is an inference-mode BatchNorm: the error that matters is the one after it,
@@ -259,17 +299,80 @@ class TorchFrontend:
         order = {p: i for i, p in enumerate(self._order or [])}
         ran = [s for s in sites if s.ref in order]
         ran.sort(key=lambda s: order[s.ref])
-        return [[s] for s in ran] + [[s] for s in sites if s.ref not in order]
+        rest = [[s] for s in sites if s.ref not in order]  # never called on the calibration data
+        if self._chain is None:
+            return [[s] for s in ran] + rest
+        steps: list[list[Site]] = []
+        self._step_block = []
+        for s in ran:
+            b = block_index(s.ref, self._chain)
+            g = self._group.get(s.ref)
+            if steps and b is not None and self._step_block[-1] == b and g is not None \
+                    and g == self._group.get(steps[-1][-1].ref):
+                steps[-1].append(s)  # the same input as the step's other layers: fitted together
+            else:
+                steps.append([s])
+                self._step_block.append(b)
+        self._step_block += [None] * len(rest)
+        return steps + rest
 
     def start(self, batch):
         if self._segments is not None:
             return self._segments.start(batch)
+        if self._chain is not None:
+            calls, h0, _ = record_calls(self.cap.model, self._chain, batch)
+            return self._goto({"batch": batch, "calls": calls, "h0": h0, "at": None, "o": None, "n": None}, 0)
         return batch
 
     def advance(self, step: int, env):
         if self._segments is not None:
             return self._segments.advance(step, env)
+        if self._chain is not None:
+            return self._goto(env, step + 1)
         return env
+
+    # ----------------------------------------------------------------- block chaining (modules capture)
+    def _replaced_in(self, i: int) -> bool:
+        prefix = self._chain[i] + "."
+        return any(p.startswith(prefix) for p in self._replaced)
+
+    def _goto(self, env: dict, step: int) -> dict:
+        """Move a batch's block state to where refit step ``step`` reads its inputs."""
+        b = self._step_block[step] if step < len(self._step_block) else None
+        if b is None:  # a layer outside the blocks (before them, or after them all): the whole models run
+            env["at"] = env["o"] = env["n"] = None
+            return env
+        if env["at"] is None:  # entering the blocks
+            env["o"] = env["h0"]
+            env["n"] = env["h0"] if not self._replaced else self._first_block_input(env["batch"])
+            env["at"] = 0
+        while env["at"] < b:
+            i = env["at"]
+            call = env["calls"][i]
+            ho = hidden_of(call.run(self.cap.model.get_submodule(self._chain[i]), env["o"]))
+            if env["n"] is env["o"] and not self._replaced_in(i):
+                hn = ho  # nothing differs yet: one run serves both streams
+            else:
+                hn = hidden_of(call.run(self._comp.get_submodule(self._chain[i]), env["n"]))
+            env["o"], env["n"], env["at"] = ho, hn, i + 1
+        return env
+
+    @torch.no_grad()
+    def _first_block_input(self, batch):
+        box = {}
+
+        def hook(mod, args, kwargs):
+            box["h"] = Call.of(args, kwargs)[1]
+            raise _Stop
+
+        hd = self._comp.get_submodule(self._chain[0]).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            call_model(self._comp, batch)
+        except _Stop:
+            pass
+        finally:
+            hd.remove()
+        return box["h"]
 
     def site_inputs(self, env, site: Site) -> tuple[LayerInput, LayerInput] | None:
         mod = site.dense
@@ -277,9 +380,21 @@ class TorchFrontend:
             env_o, env_n = env
             key = self._segments.input_name(site.ref)
             x, xh = env_o[key], env_n[key]
+        elif self._chain is not None and env["at"] is not None:
+            i = env["at"]
+            call = env["calls"][i]
+            x = input_in_block(self.cap.model.get_submodule(self._chain[i]), call, env["o"], mod)
+            if env["n"] is env["o"] and not self._replaced_in(i):
+                xh = x
+            else:
+                xh = input_in_block(self._comp.get_submodule(self._chain[i]), call, env["n"],
+                                    self._comp.get_submodule(site.ref))
+            if x is None or xh is None:
+                return None
         else:
-            x = _input_of(self.cap.model, mod, env)
-            xh = x if not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref), env)
+            batch = env["batch"] if self._chain is not None else env
+            x = _input_of(self.cap.model, mod, batch)
+            xh = x if not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref), batch)
             if x is None or xh is None:
                 return None
         inp = fo.layer_input(site, mod, x, None)
@@ -307,12 +422,15 @@ class TorchFrontend:
             small = copy.deepcopy(self.model)
             for path, mod in self._replaced.items():
                 set_module(small, path, copy.deepcopy(mod))
+        for path in self.cap.transposed:  # kept dense: the user's own (transposed-weight) module, as it was
+            if path not in self._replaced and isinstance(small.get_submodule(path), nn.Linear):
+                set_module(small, path, copy.deepcopy(self.model.get_submodule(path)))
         small.train(self.model.training)
-        small.sketchpass_plan = plan
+        attach_plan(small, plan)
         return small
 
     def stamp(self, emitted: nn.Module, plan: Plan) -> None:
-        emitted.sketchpass_plan = plan
+        attach_plan(emitted, plan)
 
     # ----------------------------------------------------------------- verify
     def _module_in(self, root: nn.Module, site: Site) -> nn.Module:

@@ -87,8 +87,16 @@ def _outputs(model: nn.Module, batch, hooks: dict[nn.Module, list]) -> list[torc
             h.remove()
 
 
-def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
-    return ts[0] if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts])
+def _cat(ts: list[torch.Tensor], conv: bool = False) -> torch.Tensor:
+    """The outputs of a layer called several times in one forward, as one tensor whose channel axis is where
+    the layer's is (the last for a linear layer, 1 for a conv), so that its bias still broadcasts."""
+    if len(ts) == 1:
+        return ts[0]
+    if all(t.shape == ts[0].shape for t in ts):
+        return torch.cat(ts)
+    if conv:
+        return torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in ts], dim=1).unsqueeze(0)
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in ts])
 
 
 def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
@@ -101,7 +109,8 @@ def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
     layers = {}
     for s in sites:
         if box_o[s.name] and len(box_o[s.name]) == len(box_n[s.name]):
-            layers[s.name] = (_cat(box_o[s.name]), _cat(box_n[s.name]))
+            conv = s.spec.op.startswith("conv")
+            layers[s.name] = (_cat(box_o[s.name], conv), _cat(box_n[s.name], conv))
     return ref, out, layers
 
 

@@ -24,6 +24,7 @@ class Captured:
     capture: str  # "fx" | "modules"
     notes: list[str] = field(default_factory=list)
     functional: bool = False  # F.linear / F.conv / matmul uses were turned into modules (needs the graph)
+    transposed: list[str] = field(default_factory=list)  # paths of transposed-weight linears made nn.Linear
 
     @property
     def graph(self) -> torch.fx.Graph | None:
@@ -58,6 +59,46 @@ def _reproduces(gm: nn.Module, model: nn.Module, example) -> str | None:
     return None
 
 
+def is_transposed_linear(mod: nn.Module) -> bool:
+    """A linear layer that stores its weight transposed, ``(in, out)``, and computes ``x @ W + b``: the
+    ``Conv1D`` of Hugging Face ``transformers`` (GPT-2, GPT, ...), recognised by its shape contract rather
+    than imported, so that ``transformers`` stays optional."""
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(mod, "nf", None) == w.shape[1] and getattr(mod, "nx", w.shape[0]) == w.shape[0])
+
+
+def linearise(work: nn.Module) -> tuple[list[str], list[str]]:
+    """Replace, in the working copy, every transposed-weight linear (:func:`is_transposed_linear`) whose
+    weight is not shared with an equivalent ``nn.Linear`` holding the transposed weight (the same function,
+    so every later stage deals with ``nn.Linear`` only).  Returns the replaced paths and notes."""
+    owners: dict[int, int] = {}
+    for _, mod in work.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    done, notes, kinds = [], [], set()
+    for path, mod in list(work.named_modules()):
+        if not path or not is_transposed_linear(mod):
+            continue
+        if owners.get(id(mod.weight), 0) > 1:
+            notes.append(f"{path}: its transposed weight is shared with another module (tied weights); kept as is")
+            continue
+        bias = getattr(mod, "bias", None)
+        lin = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(mod.weight.detach().t().contiguous(), requires_grad=mod.weight.requires_grad)
+        if bias is not None:
+            lin.bias = bias
+        lin.train(mod.training)
+        kinds.add(type(mod).__name__)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(work.get_submodule(parent_path) if parent_path else work, attr, lin)
+        done.append(path)
+    if done:
+        notes.append(f"{len(done)} {'/'.join(sorted(kinds))} layer(s) with transposed weights (x @ W + b, as in "
+                     "transformers' GPT-2 family) matched as linear layers; those kept dense are emitted as they were")
+    return done, notes
+
+
 def capture(model: nn.Module, mode: str = "auto", example=None) -> Captured:
     """``mode``: ``"auto"`` (fx, falling back to modules), ``"fx"`` (fail if it cannot trace) or
     ``"modules"``.  With an ``example`` batch the traced graph is checked against the model."""
@@ -67,6 +108,14 @@ def capture(model: nn.Module, mode: str = "auto", example=None) -> Captured:
         raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                         f"{type(model).__name__}")
     work = copy.deepcopy(model)
+    transposed, tnotes = linearise(work)
+    cap = _capture(model, work, mode, example)
+    cap.transposed = transposed
+    cap.notes = tnotes + cap.notes
+    return cap
+
+
+def _capture(model: nn.Module, work: nn.Module, mode: str, example) -> Captured:
     if mode == "modules":
         return Captured(work, "modules", ["capture='modules': layers swapped by name (no fx graph)"])
     if isinstance(work, torch.fx.GraphModule):

@@ -1,0 +1,127 @@
+"""The block-chained refit of modules capture (sketchpass/fx/blocks.py): the same model as running the model up
+to every layer, with block forwards that grow with the depth instead of its square; and the fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sketchpass as sp
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h, scale=1.0):
+        a = self.q(h) * torch.sigmoid(self.k(h))  # q and k read the same input: one refit step
+        return h + scale * self.fc2(torch.relu(self.fc1(h + a)))
+
+
+class Stack(nn.Module):
+    """Layers before the blocks (inp), in them (keyword argument scale), and after them (out)."""
+
+    def __init__(self, d=32, n=4, mode="chain"):
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.out = nn.Linear(d, 10)
+        self.mode = mode
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.mode == "parallel":  # every block on the same input: not a chain
+            return self.out(sum(b(h, scale=0.5) for b in self.blocks))
+        for b in self.blocks:
+            h = b(h, scale=0.5)
+            if self.mode == "twice":
+                h = b(h, scale=0.5)
+        return self.out(h)
+
+
+def _calib(n=6):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 5, 16, generator=g) for _ in range(n)]
+
+
+def _counting(model):
+    counts = {}
+    for i, b in enumerate(model.blocks):
+        b.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts.get(i, 0) + 1))
+    return counts
+
+
+def _run(model, blocks):
+    return sp.transform(model, sp.Budget(params=0.6), calib=_calib(), method="svd", capture="modules", rounds=0,
+                        progress=False, blocks=blocks, overrides={"inp": 8, "out": 4})
+
+
+def test_chained_refit_equals_running_the_model_up_to_every_layer():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    a, b = _run(model, "auto"), _run(model, "off")
+    pa, pb = a.sketchpass_plan, b.sketchpass_plan
+    assert any("chained block by block over the 4 blocks of 'blocks'" in n for n in pa.notes)
+    assert any("up to every layer" in n for n in pb.notes) and not any("chained" in n for n in pb.notes)
+    assert [(lp.decision.method, lp.decision.size) for lp in pa.layers] == \
+        [(lp.decision.method, lp.decision.size) for lp in pb.layers]
+    assert pa["inp"].decision.method == "svd" and pa["out"].decision.method == "svd"  # before and after blocks
+    assert sum(lp.decision.method == "svd" for lp in pa.layers) >= 10
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    # the refit's steps: q and k share one (same input), so fewer steps than factored layers
+    assert pa.verify["rounds"][0]["refit_steps"] < sum(lp.decision.method == "svd" for lp in pa.layers)
+    assert pa.totals["measured_output_error"] == pytest.approx(pb.totals["measured_output_error"], rel=1e-3)
+
+
+def test_chained_refit_runs_each_block_a_bounded_number_of_times():
+    """Block forwards during the pass: chained, block 0 runs a few times per batch whatever the depth; run up to
+    every layer, it runs once per later layer too."""
+    torch.manual_seed(0)
+    counts = {}
+    for blocks in ("auto", "off"):
+        model = Stack(n=8).eval()
+        c = _counting(model)
+        # the pass deep-copies the model: count on the copies through the hooks they inherit
+        _run(model, blocks)
+        counts[blocks] = c.get(0, 0)
+    assert counts["auto"] * 2 < counts["off"], counts
+
+
+@pytest.mark.parametrize("mode,why", [("parallel", "does not give the next block's input"),
+                                      ("twice", "not each called once, in order")])
+def test_models_whose_blocks_are_not_a_chain_fall_back(mode, why):
+    torch.manual_seed(0)
+    model = Stack(mode=mode).eval()
+    a, b = _run(model, "auto"), _run(model, "off")
+    notes = a.sketchpass_plan.notes
+    assert any("block-chained refit off" in n and why in n for n in notes), notes
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_blocks_option_is_checked():
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        sp.plan(Stack(), sp.Budget(params=0.5), calib=_calib(2), blocks="yes")
+
+
+def test_hf_decoder_chained_refit_matches(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, vocab_size=128, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, 128, (2, 16), generator=g)} for _ in range(4)]
+    kw = {"calib": calib, "method": "svd", "rounds": 0, "progress": False}
+    a = sp.transform(model, sp.Budget(params=0.85), blocks="auto", **kw)
+    b = sp.transform(model, sp.Budget(params=0.85), blocks="off", **kw)
+    assert any("chained block by block over the 3 blocks of 'transformer.h'" in n for n in a.sketchpass_plan.notes)
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=1e-3, atol=1e-4)
