@@ -65,7 +65,8 @@ def test_chained_refit_equals_running_the_model_up_to_every_layer():
     a, b = _run(model, "auto"), _run(model, "off")
     pa, pb = a.sketchpass_plan, b.sketchpass_plan
     assert any("chained block by block over the 4 blocks of 'blocks'" in n for n in pa.notes)
-    assert any("up to every layer" in n for n in pb.notes) and not any("chained" in n for n in pb.notes)
+    assert any("up to every layer" in n and "block-chained refit off: blocks='off'" in n for n in pb.notes)
+    assert not any("chained block by block" in n for n in pb.notes)
     assert [(lp.decision.method, lp.decision.size) for lp in pa.layers] == \
         [(lp.decision.method, lp.decision.size) for lp in pb.layers]
     assert pa["inp"].decision.method == "svd" and pa["out"].decision.method == "svd"  # before and after blocks
@@ -100,9 +101,18 @@ def test_models_whose_blocks_are_not_a_chain_fall_back(mode, why):
     a, b = _run(model, "auto"), _run(model, "off")
     notes = a.sketchpass_plan.notes
     assert any("block-chained refit off" in n and why in n for n in notes), notes
+    assert any("up to every layer" in n for n in notes)
     x = torch.randn(4, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_a_model_without_a_block_stack_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    small = sp.transform(model, sp.Budget(params=0.6), calib=_calib(), method="svd", capture="modules", rounds=0,
+                         progress=False)
+    assert any("block-chained refit off: no stack of repeated blocks" in n for n in small.sketchpass_plan.notes)
 
 
 def test_blocks_option_is_checked():

@@ -7,7 +7,8 @@ the refit's lock-step segments (:mod:`.rewrite`).
 
 In fx mode the sequential refit runs the graph from boundary to boundary (linear in the depth); in modules
 mode there is no graph to cut, so every layer's inputs are captured by running the two models up to it
-(the cost grows with the square of the depth) — the plan's notes say which mode was used.
+(the cost grows with the square of the depth) unless the layers sit in a stack of repeated blocks that can be
+chained (:mod:`.blocks`) — the plan's notes say which mode was used, and why.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class TorchFrontend:
                 self.notes.append(f"{folded} conv(s) followed by an inference-mode BatchNorm: their errors are "
                                   "weighed and measured after the BatchNorm (as in an export that folds it)")
         self._chain = None
+        why = "blocks='off'" if self.o.blocks == "off" else "no calibration data"
         if first is not None:
             self._channels_last = channels_last_ok(self.cap.model, first)
             if self._channels_last and self._data is not None:  # the passes run faster in that layout
@@ -145,18 +147,19 @@ class TorchFrontend:
             if self.cap.capture == "modules":
                 self._order = self._call_order(first)
                 if self.o.blocks == "auto":
-                    self._chain = self._setup_chain(first)
+                    self._chain, why = self._setup_chain(first)
         if self.cap.capture == "modules" and self._chain is None:
-            self.notes.append("modules capture: the sequential refit runs the model up to every layer it fits (its "
-                              "cost grows with the square of the depth)")
+            self.notes.append(f"modules capture: the sequential refit runs the model up to every layer it fits, its "
+                              f"cost growing with the square of the depth (block-chained refit off: {why})")
 
-    def _setup_chain(self, first) -> list[str] | None:
-        """The repeated blocks the refit is chained over (:mod:`.blocks`), checked on the first batch; ``None``
-        (with a note saying why) when the model has none or chaining them does not reproduce it."""
+    def _setup_chain(self, first) -> tuple[list[str] | None, str | None]:
+        """The repeated blocks the refit is chained over (:mod:`.blocks`), checked on the first batch; or
+        ``None`` and why not (no stack of blocks holds the layers, or chaining them does not reproduce the
+        model)."""
         paths = [s.ref for s in self._sites if s.skip is None]
         blocks = find_blocks(self.cap.model, paths)
         if blocks is None:
-            return None
+            return None, "no stack of repeated blocks (an nn.ModuleList of one class) holds its layers"
         parent = blocks[0].rpartition(".")[0] or "the model"
         wanted = set(paths)
         idx = [block_index(p, blocks) for p in (self._order or []) if p in wanted]
@@ -169,8 +172,7 @@ class TorchFrontend:
         probe = slice_batch(first, 2)
         why = why or check_chain(self.cap.model, blocks, probe)
         if why is not None:
-            self.notes.append(f"block-chained refit off ({why}): the refit runs the model up to every layer")
-            return None
+            return None, why
         # which layers of a block read the very same input (one refit step for them)
         calls, h, _ = record_calls(self.cap.model, blocks, probe)
         self._group = {}
@@ -180,7 +182,7 @@ class TorchFrontend:
             self._group.update({p: (i, g) for p, g in group.items()})
         self.notes.append(f"modules capture: the sequential refit is chained block by block over the {len(blocks)} "
                           f"blocks of {parent!r} (each step runs one block; the cost grows with the depth)")
-        return blocks
+        return blocks, None
 
     def _batchnorms(self) -> int:
         """Convs whose only use is an inference-mode BatchNorm: the error that matters is the one after it,
