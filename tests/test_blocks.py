@@ -115,6 +115,24 @@ def test_a_model_without_a_block_stack_says_so():
     assert any("block-chained refit off: no stack of repeated blocks" in n for n in small.sketchpass_plan.notes)
 
 
+def test_the_chained_refit_records_no_autograd_graph():
+    """Hidden states kept between refit steps carry no autograd graph (one would hold every block's activations
+    of every batch alive): with no sensitivities to measure, nothing in the pass saves a tensor for backward."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    saved = [0]
+
+    def pack(t):
+        saved[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        small = sp.transform(model, sp.Budget(params=0.6), calib=_calib(), method="svd", capture="modules", rounds=0,
+                             progress=False, sensitivity_samples=0)
+    assert any("chained block by block" in n for n in small.sketchpass_plan.notes)
+    assert saved[0] == 0
+
+
 def test_blocks_option_is_checked():
     with pytest.raises(ValueError, match="blocks must be one of"):
         sp.plan(Stack(), sp.Budget(params=0.5), calib=_calib(2), blocks="yes")

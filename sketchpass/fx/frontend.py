@@ -338,6 +338,7 @@ class TorchFrontend:
         prefix = self._chain[i] + "."
         return any(p.startswith(prefix) for p in self._replaced)
 
+    @torch.no_grad()
     def _goto(self, env: dict, step: int) -> dict:
         """Move a batch's block state to where refit step ``step`` reads its inputs."""
         b = self._step_block[step] if step < len(self._step_block) else None
