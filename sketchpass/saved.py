@@ -130,7 +130,7 @@ def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
     from .fx.rewrite import set_module
     from .layers import form_module
 
-    dist = (plan.options or {}).get("dist", "rademacher") if hasattr(plan, "options") else "rademacher"
+    dist = plan.options.get("dist", "rademacher")
     for lp in plan.layers:
         d = lp.decision
         if d.method not in ("svd", "sketch"):

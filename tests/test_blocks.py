@@ -136,6 +136,17 @@ def test_the_chained_refit_records_no_autograd_graph():
 def test_blocks_option_is_checked():
     with pytest.raises(ValueError, match="blocks must be one of"):
         sp.plan(Stack(), sp.Budget(params=0.5), calib=_calib(2), blocks="yes")
+    onnx = pytest.importorskip("onnx")
+    import io
+    import warnings
+
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval(),
+                          (torch.randn(2, 16),), f, dynamo=False, input_names=["x"])
+    with pytest.raises(TypeError, match="option blocks= applies to PyTorch models only"):
+        sp.plan(onnx.load_from_string(f.getvalue()), sp.Budget(params=0.5), blocks="off")
 
 
 def test_hf_decoder_chained_refit_matches(tmp_path):

@@ -19,7 +19,7 @@ fails the refit runs the model up to every layer, as before, and the plan says w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,6 +29,32 @@ from ..batches import call_model
 
 class _Stop(Exception):
     pass
+
+
+@torch.no_grad()
+def stop_at(module: nn.Module, run) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` of ``module``'s first call while ``run()`` runs (the run stops there), or ``None``
+    when ``module`` is not called."""
+    box = {}
+
+    def hook(mod, args, kwargs):
+        box["call"] = (args, kwargs)
+        raise _Stop
+
+    hd = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        hd.remove()
+    return box.get("call")
+
+
+def first_input(module: nn.Module, run):
+    """The first positional input of ``module``'s first call while ``run()`` runs (see :func:`stop_at`)."""
+    call = stop_at(module, run)
+    return call[0][0] if call is not None and call[0] else None
 
 
 def _is_cache(v) -> bool:
@@ -100,19 +126,18 @@ def block_index(path: str, blocks: list[str]) -> int | None:
 
 
 @torch.no_grad()
-def record_calls(model: nn.Module, blocks: list[str], batch) -> tuple[list[Call], torch.Tensor, list[int]]:
-    """One forward of ``model``: every block's call (hidden state taken out), the first block's hidden
-    input, and the order the blocks were called in."""
+def record_calls(model: nn.Module, blocks: list[str], batch, every_input: bool = False):
+    """One forward of ``model``: every block's call (hidden state taken out), the blocks' hidden inputs (the
+    first block's only, unless ``every_input``), and the order the blocks were called in."""
     calls: list = [None] * len(blocks)
-    h0: list = []
+    hiddens: list = [None] * len(blocks)
     order: list[int] = []
 
     def hook(mod, args, kwargs, i):
         order.append(i)
-        c, h = Call.of(args, kwargs)
-        calls[i] = c
-        if i == 0:
-            h0.append(h)
+        calls[i], h = Call.of(args, kwargs)
+        if i == 0 or every_input:
+            hiddens[i] = h
 
     handles = [model.get_submodule(p).register_forward_pre_hook(
         lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True) for i, p in enumerate(blocks)]
@@ -121,25 +146,13 @@ def record_calls(model: nn.Module, blocks: list[str], batch) -> tuple[list[Call]
     finally:
         for hd in handles:
             hd.remove()
-    return calls, (h0[0] if h0 else None), order
+    return calls, hiddens, order
 
 
 @torch.no_grad()
 def check_chain(model: nn.Module, blocks: list[str], batch) -> str | None:
     """``None`` when chaining the blocks reproduces the model's own block inputs on ``batch``, else why not."""
-    hiddens: list = [None] * len(blocks)
-
-    def grab(mod, args, kwargs, i):
-        hiddens[i] = Call.of(args, kwargs)[1]
-
-    handles = [model.get_submodule(p).register_forward_pre_hook(
-        lambda m, a, k, i=i: grab(m, a, k, i), with_kwargs=True) for i, p in enumerate(blocks)]
-    try:
-        call_model(model, batch)
-    finally:
-        for hd in handles:
-            hd.remove()
-    calls, _, order = record_calls(model, blocks, batch)
+    calls, hiddens, order = record_calls(model, blocks, batch, every_input=True)
     if order != list(range(len(blocks))):
         return f"the blocks under {blocks[0].rpartition('.')[0]!r} are not each called once, in order"
     if any(h is None for h in hiddens):
@@ -156,34 +169,9 @@ def check_chain(model: nn.Module, blocks: list[str], batch) -> str | None:
     return None
 
 
-@dataclass
-class BlockState:
-    """Per batch: the recorded calls, and the two streams' hidden states at the input of block ``at``."""
-
-    calls: list[Call]
-    at: int
-    h_o: torch.Tensor
-    h_n: torch.Tensor
-    extra: dict = field(default_factory=dict)
-
-
-@torch.no_grad()
 def input_in_block(block: nn.Module, call: Call, h: torch.Tensor, module: nn.Module):
     """The first input of ``module`` when ``block`` runs on ``h`` (the block stops there)."""
-    box = {}
-
-    def hook(mod, inputs):
-        box["x"] = inputs[0]
-        raise _Stop
-
-    hd = module.register_forward_pre_hook(hook)
-    try:
-        call.run(block, h)
-    except _Stop:
-        pass
-    finally:
-        hd.remove()
-    return box.get("x")
+    return first_input(module, lambda: call.run(block, h))
 
 
 @torch.no_grad()

@@ -37,7 +37,18 @@ from ..plan import Plan
 from ..saved import attach_plan
 from ..site import LayerInput, Site
 from . import observe as fo
-from .blocks import Call, block_index, check_chain, find_blocks, hidden_of, input_in_block, record_calls, shared_inputs
+from .blocks import (
+    Call,
+    block_index,
+    check_chain,
+    find_blocks,
+    first_input,
+    hidden_of,
+    input_in_block,
+    record_calls,
+    shared_inputs,
+    stop_at,
+)
 from .match import find_sites
 from .rewrite import Segments, set_module
 from .trace import capture
@@ -62,27 +73,9 @@ def _split(batch, n: int):
     return apply(slice(0, n)), apply(slice(n, None))
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def _input_of(model: nn.Module, module: nn.Module, batch):
     """The first input of ``module`` when ``model`` runs on ``batch`` (the forward stops there)."""
-    box = {}
-
-    def hook(mod, inputs):
-        box["x"] = inputs[0]
-        raise _Stop
-
-    h = module.register_forward_pre_hook(hook)
-    try:
-        call_model(model, batch)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return box.get("x")
+    return first_input(module, lambda: call_model(model, batch))
 
 
 class TorchFrontend:
@@ -174,7 +167,7 @@ class TorchFrontend:
         if why is not None:
             return None, why
         # which layers of a block read the very same input (one refit step for them)
-        calls, h, _ = record_calls(self.cap.model, blocks, probe)
+        calls, (h, *_), _ = record_calls(self.cap.model, blocks, probe)
         self._group = {}
         for i, bp in enumerate(blocks):
             mods = {s.ref: s.dense for s in self._sites if s.skip is None and s.ref.startswith(bp + ".")}
@@ -322,8 +315,9 @@ class TorchFrontend:
         if self._segments is not None:
             return self._segments.start(batch)
         if self._chain is not None:
-            calls, h0, _ = record_calls(self.cap.model, self._chain, batch)
-            return self._goto({"batch": batch, "calls": calls, "h0": h0, "at": None, "o": None, "n": None}, 0)
+            calls, hiddens, _ = record_calls(self.cap.model, self._chain, batch)
+            return self._goto({"batch": batch, "calls": calls, "h0": hiddens[0], "at": None, "o": None, "n": None},
+                              0)
         return batch
 
     def advance(self, step: int, env):
@@ -360,22 +354,9 @@ class TorchFrontend:
             env["o"], env["n"], env["at"] = ho, hn, i + 1
         return env
 
-    @torch.no_grad()
     def _first_block_input(self, batch):
-        box = {}
-
-        def hook(mod, args, kwargs):
-            box["h"] = Call.of(args, kwargs)[1]
-            raise _Stop
-
-        hd = self._comp.get_submodule(self._chain[0]).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            call_model(self._comp, batch)
-        except _Stop:
-            pass
-        finally:
-            hd.remove()
-        return box["h"]
+        args, kwargs = stop_at(self._comp.get_submodule(self._chain[0]), lambda: call_model(self._comp, batch))
+        return Call.of(args, kwargs)[1]
 
     def site_inputs(self, env, site: Site) -> tuple[LayerInput, LayerInput] | None:
         mod = site.dense
