@@ -20,7 +20,7 @@ from .sketch.random import DISTRIBUTIONS
 METHODS = ("auto", "sketch", "svd")
 INIT_CHOICES = ("auto", "calibrated", "lstsq", "sketch", "random")
 CAPTURES = ("auto", "fx", "modules")
-BLOCKS = ("auto", "off")
+BLOCKS = ("auto", "on", "off")
 U_STORAGE = ("float", "int8", "bits")
 
 
@@ -42,9 +42,11 @@ class Options:
     Fitting and checking: ``shrink`` (Gram shrinkage: ``"auto"`` = Ledoit–Wolf, or a number in [0, 1]),
     ``refit`` (sequential refit on the inputs the compressed model produces), ``rounds`` (re-solves of the
     verify loop when the measured output error exceeds ``tolerance`` × the predicted one), ``capture``
-    (torch: ``"auto"``/``"fx"``/``"modules"``), ``blocks`` (torch, modules capture: ``"auto"`` chains
-    the refit block by block over a stack of repeated blocks when that is checked to reproduce the
-    model, ``"off"`` runs the model up to every layer; :mod:`sketchpass.fx.blocks`), ``u_storage`` and
+    (torch: ``"auto"``/``"fx"``/``"modules"``), ``blocks`` (torch, modules capture, a stack of repeated blocks checked
+    to reproduce the model — :mod:`sketchpass.fx.blocks`: ``"auto"`` chains the refit block by block, and
+    calibrates block by block — one block's Grams at a time — when the Grams of all layers at once would exceed
+    ``max_grams_mb`` (default 4096); ``"on"`` calibrates block by block always; ``"off"`` neither: the model
+    is calibrated whole and run up to every layer in the refit), ``u_storage`` and
     ``check`` (ONNX emission), ``progress`` (bars on stderr; default: when stderr is a terminal).
 
     Latency budgets: ``target`` (the runtime the latency is measured on; default ``"torch-cpu"`` for PyTorch
@@ -64,6 +66,7 @@ class Options:
     probes: int = 1
     example_inputs: Any = None
     max_gram_mb: float = 2048
+    max_grams_mb: float = 4096
     max_batches: int | None = None
     batch_size: int | None = None
     holdout: int = 8
@@ -126,7 +129,7 @@ class Options:
         if self.shrink != "auto" and not (isinstance(self.shrink, (int, float)) and not isinstance(self.shrink, bool)
                                           and 0 <= self.shrink <= 1):
             raise ValueError(f"shrink must be 'auto' or a number in [0, 1], got {self.shrink!r}")
-        for name in ("max_gram_mb", "max_activation_mb", "tolerance"):
+        for name in ("max_gram_mb", "max_grams_mb", "max_activation_mb", "tolerance"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -168,6 +171,7 @@ class Options:
 ALL_KEYS = frozenset(f.name for f in fields(Options))
 # what plan() and apply() take; transform() takes both
 APPLY_KEYS = frozenset({"max_batches", "batch_size", "holdout", "max_activation_mb", "shrink", "refit", "capture",
-                        "blocks", "u_storage", "check", "progress", "max_gram_mb", "target", "threads"})
+                        "blocks", "u_storage", "check", "progress", "max_gram_mb", "max_grams_mb", "target",
+                        "threads"})
 PLAN_KEYS = ALL_KEYS - {"u_storage", "check"}
 PLAN_ARGS = frozenset({"method", "seed"})  # named parameters of plan(), not **options

@@ -100,6 +100,15 @@ class Frontend(Protocol):
     def observe_batch(self, batch: Any, sites: list[Site], visit: Callable[[Site, LayerInput], None]) -> None:
         """Run the original model on ``batch``, calling ``visit`` with every input of every site."""
 
+    def calibration_groups(self, sites: list[Site]) -> tuple[list[list[Site]] | None, str | None]:
+        """Groups of sites for block-by-block calibration (those outside the blocks first, then each block's),
+        or ``(None, why not)``."""
+
+    def observe_blocks(self, batches: Iterable, groups: list[list[Site]], visit: Callable[[Site, LayerInput], None],
+                       on_batch: Callable[[Any], None], finish: Callable[[list[Site]], None], max_bytes: float) -> None:
+        """Observe the groups of :meth:`calibration_groups` one after the other, calling ``on_batch`` with every
+        batch of ``batches`` (read once) and ``finish(group)`` when a group's inputs have all been visited."""
+
     def sensitivities(self, sites: list[Site], batches: list, probes: int, seed: int) -> dict[str, float]:
         """Output gain of every site's relative error (raises :class:`SensitivityUnavailable`)."""
 
@@ -153,10 +162,19 @@ class Observed:
     batches: int = 0
     kept: list = field(default_factory=list)  # the first samples, for the sensitivity probes
     stats: dict[str, Stats] = field(default_factory=dict)
+    mode: str = "model"  # "model": every layer's Gram at once; "blocks": one block's at a time
+    gram_bytes: int = 0  # Gram memory alive now, and at most
+    peak_gram_bytes: int = 0
 
 
 def gram_features(site: Site) -> int:
     return site.spec.d_in // site.spec.groups * site.spec.hw
+
+
+def gram_bytes(site: Site) -> int:
+    """Memory of one site's input Gram statistics (float64 ``groups × n × n``, plus the sums)."""
+    n = gram_features(site)
+    return site.spec.groups * (n * n + 2 * n + 1) * 8
 
 
 def add_input(acc: GramAccumulator, site: Site, inp: LayerInput) -> None:
@@ -167,15 +185,35 @@ def add_input(acc: GramAccumulator, site: Site, inp: LayerInput) -> None:
         acc.add_conv_input(inp.x, s.kernel, s.stride, (0,) * len(s.kernel), s.dilation)
 
 
-def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: bool = True) -> Observed:
+def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: bool = True,
+            done: Callable[[list[Site], bool], None] | None = None, notes: list[str] | None = None) -> Observed:
     """One pass over the fitting batches: every active site's input Gram and positions; the first
-    ``sensitivity_samples`` samples are kept for the sensitivity probes."""
+    ``sensitivity_samples`` samples are kept for the sensitivity probes.
+
+    With ``done``, every group of sites whose statistics are complete is recorded
+    (:func:`record_observation`, into ``notes``) and handed to ``done(group, whole)`` (``whole``: the group is
+    every layer), after which its Grams are dropped.  Block by block (``blocks="on"``, or ``"auto"`` when all
+    the Grams at once would exceed ``max_grams_mb``, and the frontend can chain the model's blocks) the groups
+    are the layers outside the blocks, then each block in turn, and only one group's Grams exist at a time;
+    otherwise the one group is every layer, after one pass of the whole model."""
     obs = Observed()
     active = [s for s in sites if s.skip is None]
     limit = o.max_gram_mb * 2**20
     wants = {s.name: grams and s.spec.groups * gram_features(s) ** 2 * 8 <= limit for s in active}
     for s in active:
         obs.stats[s.name] = Stats()
+    total = sum(gram_bytes(s) for s in active if wants[s.name])
+    groups = None
+    if done is not None and grams and active:
+        wanted = o.blocks == "on" or (o.blocks == "auto" and total > o.max_grams_mb * 2**20)
+        if wanted:
+            groups, why = fe.calibration_groups(active)
+            mb = total / 2**20
+            if groups is None and notes is not None:
+                cause = "blocks='on'" if o.blocks == "on" else f"the Grams of all layers ({mb:.0f} MB) exceed " \
+                                                                f"max_grams_mb={o.max_grams_mb:g}"
+                notes.append(f"{cause}, but block-by-block calibration is not available ({why}): the whole model "
+                             f"is calibrated at once")
 
     def visit(site: Site, inp: LayerInput) -> None:
         st = obs.stats[site.name]
@@ -188,20 +226,48 @@ def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: boo
         if wants[site.name]:
             if st.gram is None:
                 st.gram = GramAccumulator(gram_features(site), site.spec.groups)
+                obs.gram_bytes += gram_bytes(site)
+                obs.peak_gram_bytes = max(obs.peak_gram_bytes, obs.gram_bytes)
             add_input(st.gram, site, inp)
 
+    def count(batch, adv) -> None:
+        n = data.size(batch)
+        obs.samples += n
+        obs.batches += 1
+        have = sum(data.size(b) for b in obs.kept)
+        if o.sensitivity_samples and have < o.sensitivity_samples:
+            obs.kept.append(data.head(batch, o.sensitivity_samples - have))
+        adv(n)
+
+    def finish(group: list[Site], whole: bool = False) -> None:
+        if obs.batches == 0:
+            raise ValueError("the calibration data yielded no batches")
+        record_observation(group, obs, o, notes if notes is not None else [])
+        done(group, whole)
+        for s in group:
+            st = obs.stats.get(s.name)
+            if st is not None and st.gram is not None:
+                obs.gram_bytes -= gram_bytes(s)
+                st.gram = None
+            s.gram = None
+
+    if groups is not None:
+        obs.mode = "blocks"
+        with progress_bar("calibrating", None, o.progress) as adv:
+            fe.observe_blocks(data.fit(), groups, visit, lambda b: count(b, adv), finish, o.max_activation_mb * 2**20)
+        if notes is not None:
+            notes.append(f"calibrated block by block ({len(groups) - 1} blocks): at most "
+                         f"{obs.peak_gram_bytes / 2**20:.0f} MB of Grams at once, against {total / 2**20:.0f} MB for "
+                         "the whole model")
+        return obs
     with progress_bar("calibrating", None, o.progress) as adv:
         for batch in data.fit():
             fe.observe_batch(batch, active, visit)
-            n = data.size(batch)
-            obs.samples += n
-            obs.batches += 1
-            have = sum(data.size(b) for b in obs.kept)
-            if o.sensitivity_samples and have < o.sensitivity_samples:
-                obs.kept.append(data.head(batch, o.sensitivity_samples - have))
-            adv(n)
+            count(batch, adv)
     if obs.batches == 0:
         raise ValueError("the calibration data yielded no batches")
+    if done is not None:
+        finish(active, True)
     return obs
 
 
@@ -286,17 +352,19 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
                 fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init))
                 adv(1, s.name)
             return info
-        if not o.refit:  # every layer on its inputs in the original model: one pass for all Grams
-            obs = observe(fe, todo, data, o.replace(sensitivity_samples=0), grams=True)
+        if not o.refit:  # every layer on its inputs in the original model: one pass (or one per block)
             notes: list[str] = []
-            record_observation(todo, obs, o, notes)
-            for s in todo:
-                g = s.gram
-                s.gram = None
-                grams = g.shrunk(o.shrink) if g is not None else None
-                fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init, grams))
-                adv(1, s.name)
-            plan.notes.extend(n for n in notes if n not in plan.notes)
+
+            def done(group: list[Site], whole: bool) -> None:
+                for s in group:
+                    grams = s.gram.shrunk(o.shrink) if s.gram is not None else None
+                    s.gram = None
+                    fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init, grams))
+                    adv(1, s.name)
+
+            observe(fe, todo, data, o.replace(sensitivity_samples=0, progress=False), grams=True, done=done,
+                    notes=notes)
+            plan.notes.extend(n for n in notes if n not in plan.notes and not n.startswith("calibrated block by"))
             return info
         steps = fe.refit_steps(todo)
         notes: list[str] = []
@@ -476,10 +544,16 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         nothing = fe.nothing_to_compress(sites)
         if nothing:
             notes.append(nothing)
-        # ------------------------------------------------------------- observe
+        # ------------------------------------------------------------- observe, and every layer's candidates
+        units = tuple(u for u in ("params", "flops") if getattr(budget, u) is not None)  # forms must be cheaper in
+        chosen: dict[str, Choices] = {}
+
+        def done(group: list[Site], whole: bool) -> None:  # a group's statistics are complete: its candidates
+            for s, c in zip(group, candidates(group, units, o, True, overrides or {}, o.progress if whole else False)):
+                chosen[s.name] = c
+
         if data is not None:
-            obs = observe(fe, sites, data, o)
-            record_observation(sites, obs, o, notes)
+            obs = observe(fe, sites, data, o, done=done, notes=notes)
         else:
             obs = None
             notes.append("no calibration data: data-free fits (weight error), every layer weighted equally")
@@ -496,9 +570,11 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         if obs is not None:
             measure_sensitivities(fe, sites, obs.kept, o, notes)
             obs.kept.clear()
-        # ------------------------------------------------------------- candidates
-        units = tuple(u for u in ("params", "flops") if getattr(budget, u) is not None)  # forms must be cheaper in
-        choices = candidates(sites, units, o, data is not None, overrides or {}, o.progress)
+        # ------------------------------------------------------------- candidates (the rest: fixed, or data-free)
+        rest = [s for s in sites if s.name not in chosen]
+        for s, c in zip(rest, candidates(rest, units, o, data is not None, overrides or {}, o.progress)):
+            chosen[s.name] = c
+        choices = [chosen[s.name] for s in sites]
         for s in sites:
             s.gram = None  # the candidates hold what the solver needs: the Grams can go
         # ------------------------------------------------------------- latency: time the forms on the target
@@ -512,8 +588,11 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
             raise InfeasibleBudgetError(f"{exc} — {nothing}" if nothing else str(exc)) from None
         if data is not None:
             notes += [n for n in data.notes if n not in notes]
+        calib_rec = _calib_record(data)
+        if calib_rec is not None and obs is not None:
+            calib_rec.update(mode=obs.mode, peak_gram_mb=round(obs.peak_gram_bytes / 2**20, 3))
         plan = make_plan(choices, decisions, sites, budget=budget, o=o, frontend=fe.name, capture=fe.capture,
-                         calib=_calib_record(data), notes=notes, model_params=model_params, model_macs=model_macs,
+                         calib=calib_rec, notes=notes, model_params=model_params, model_macs=model_macs,
                          has_calib=data is not None)
         for lp, c in zip(plan.layers, choices):
             lp.dense_ms = c.dense_ms

@@ -164,3 +164,90 @@ def test_hf_decoder_chained_refit_matches(tmp_path):
     ids = calib[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- block-by-block calibration
+def _plan_sizes(plan):
+    return [(lp.spec.name, lp.decision.method, lp.decision.size) for lp in plan.layers]
+
+
+def _gram_mb(model, paths):
+    """What sketchpass.pipeline.gram_bytes counts for these Linear layers, in MB."""
+    mods = [model.get_submodule(p) for p in paths]
+    return sum((m.in_features ** 2 + 2 * m.in_features + 1) * 8 for m in mods) / 2**20
+
+
+@pytest.mark.parametrize("method", ["svd", "auto"])
+def test_block_mode_gives_the_whole_model_plan_with_one_blocks_grams(method):
+    """blocks='on' (one block's Grams at a time) and whole-model calibration: the same plan, the same model, and
+    the Gram memory is the largest group's (the outside layers, or one block) instead of every layer's."""
+    model = Stack(n=4).eval()
+    kw = {"calib": _calib(), "method": method, "capture": "modules", "rounds": 0, "progress": False,
+          "overrides": {"inp": 8, "out": 4}}
+    whole = sp.transform(model, sp.Budget(params=0.6), **kw)
+    blocks = sp.transform(model, sp.Budget(params=0.6), blocks="on", **kw)
+    pw, pb = whole.sketchpass_plan, blocks.sketchpass_plan
+    assert pw.calib["mode"] == "model" and pb.calib["mode"] == "blocks"
+    assert _plan_sizes(pw) == _plan_sizes(pb)
+    for a, b in zip(pw.layers, pb.layers):
+        assert b.decision.predicted_error == pytest.approx(a.decision.predicted_error, rel=1e-6, abs=1e-12)
+    x = _calib()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(blocks(x), whole(x), rtol=1e-4, atol=1e-5)
+    one_block = _gram_mb(model, ["blocks.0.q", "blocks.0.k", "blocks.0.fc1", "blocks.0.fc2"])
+    every = 4 * one_block + _gram_mb(model, ["inp", "out"])  # layers with an override still get their Grams
+    assert pw.calib["peak_gram_mb"] == pytest.approx(every, abs=1e-3)
+    assert pb.calib["peak_gram_mb"] == pytest.approx(max(one_block, _gram_mb(model, ["inp", "out"])), abs=1e-3)
+    assert any("calibrated block by block (4 blocks)" in n for n in pb.notes)
+
+
+def test_block_mode_is_chosen_when_the_grams_exceed_max_grams_mb():
+    model = Stack(n=4).eval()
+    kw = {"calib": _calib(), "method": "svd", "capture": "modules", "rounds": 0, "progress": False}
+    assert sp.plan(model, sp.Budget(params=0.6), **kw).calib["mode"] == "model"
+    assert sp.plan(model, sp.Budget(params=0.6), max_grams_mb=0.05, **kw).calib["mode"] == "blocks"
+
+
+def test_block_mode_spills_activations_to_disk_with_the_same_result():
+    model = Stack(n=4).eval()
+    kw = {"calib": _calib(), "method": "svd", "capture": "modules", "rounds": 0, "progress": False, "blocks": "on"}
+    mem = sp.transform(model, sp.Budget(params=0.6), **kw)
+    disk = sp.transform(model, sp.Budget(params=0.6), max_activation_mb=1e-4, **kw)
+    assert disk.sketchpass_plan.verify["rounds"][0]["store_spilled"] > 0
+    assert _plan_sizes(mem.sketchpass_plan) == _plan_sizes(disk.sketchpass_plan)
+    x = _calib()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(disk(x), mem(x))
+
+
+@pytest.mark.parametrize("mode, why", [("parallel", "does not give the next block's input"),
+                                       ("flat", "no stack of repeated blocks")])
+def test_block_mode_without_a_chain_falls_back_to_the_whole_model_with_a_note(mode, why):
+    model = Stack(n=4, mode=mode if mode != "flat" else "chain").eval()
+    if mode == "flat":
+        model.blocks = nn.Sequential(*model.blocks)  # not a ModuleList: no stack found
+    plan = sp.plan(model, sp.Budget(params=0.6), calib=_calib(), method="svd", capture="modules", rounds=0,
+                   progress=False, blocks="on")
+    assert plan.calib["mode"] == "model"
+    note = next(n for n in plan.notes if n.startswith("blocks='on', but block-by-block calibration is not available"))
+    assert why in note and "the whole model is calibrated at once" in note
+
+
+def test_block_mode_on_a_decoder_matches_whole_model():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, vocab_size=128, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, 128, (2, 16), generator=g)} for _ in range(5)]
+    kw = {"calib": calib, "method": "svd", "rounds": 0, "progress": False}
+    a = sp.transform(model, sp.Budget(params=0.85), blocks="on", **kw)
+    b = sp.transform(model, sp.Budget(params=0.85), **kw)
+    assert a.sketchpass_plan.calib["mode"] == "blocks"
+    assert _plan_sizes(a.sketchpass_plan) == _plan_sizes(b.sketchpass_plan)
+    assert a.sketchpass_plan.calib["peak_gram_mb"] < b.sketchpass_plan.calib["peak_gram_mb"] / 2
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=1e-3, atol=1e-4)

@@ -340,7 +340,8 @@ def test_calibration_batches_can_be_tuples_dicts_or_a_dataloader(form):
         calib = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs), batch_size=16)
     p = sp.plan(model, sp.Budget(params=0.5), calib=calib, method="svd", granularity=2)
     # one batch of the four is held out to measure the output error
-    assert p.calib == {"samples": 48, "batches": 3, "holdout_samples": 16, "holdout_batches": 1}
+    assert p.calib == {"samples": 48, "batches": 3, "holdout_samples": 16, "holdout_batches": 1, "mode": "model",
+                       "peak_gram_mb": pytest.approx((21 ** 2 + 41 ** 2) * 8 / 2**20, abs=1e-3)}
     assert p.verify["samples"] == 16 and p.verify["measured"] is not None
     small = sp.apply(model, p, calib=calib)
     assert small.sketchpass_plan.achieved()["params"] <= 0.5

@@ -36,6 +36,7 @@ from ..pipeline import SensitivityUnavailable
 from ..plan import Plan
 from ..saved import attach_plan
 from ..site import LayerInput, Site
+from ..store import Store
 from . import observe as fo
 from .blocks import (
     Call,
@@ -71,6 +72,13 @@ def _split(batch, n: int):
         return {k: cut(v, sl) for k, v in dict(batch).items()}
 
     return apply(slice(0, n)), apply(slice(n, None))
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers: the compressed copy swaps modules,
+    never writes a tensor, so the layers it keeps dense need no second copy of their weights."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _input_of(model: nn.Module, module: nn.Module, batch):
@@ -139,7 +147,7 @@ class TorchFrontend:
                 self._data.prepare = to_channels_last
             if self.cap.capture == "modules":
                 self._order = self._call_order(first)
-                if self.o.blocks == "auto":
+                if self.o.blocks != "off":
                     self._chain, why = self._setup_chain(first)
         if self.cap.capture == "modules" and self._chain is None:
             self.notes.append(f"modules capture: the sequential refit runs the model up to every layer it fits, its "
@@ -269,6 +277,49 @@ class TorchFrontend:
     def observe_batch(self, batch, sites, visit) -> None:
         fo.observe_batch(self.cap.model, sites, lambda s: s.dense, batch, visit)
 
+    def calibration_groups(self, sites: list[Site]) -> tuple[list[list[Site]] | None, str | None]:
+        """Block-by-block calibration: the layers outside the blocks, then each block's; or ``None`` and why not."""
+        if self._chain is None:
+            if self.cap.capture != "modules":
+                return None, f"{self.cap.capture} capture: the refit runs the graph; blocks are chained in modules " \
+                             "capture only"
+            return None, next((n.split("block-chained refit off: ", 1)[1].rstrip(")") for n in self.notes
+                               if "block-chained refit off: " in n), "no chained blocks")
+        groups: list[list[Site]] = [[] for _ in range(len(self._chain) + 1)]
+        for s in sites:
+            b = block_index(s.ref, self._chain)
+            groups[0 if b is None else b + 1].append(s)
+        return groups, None
+
+    @torch.no_grad()
+    def observe_blocks(self, batches, groups, visit, on_batch, finish, max_bytes: float) -> None:
+        """Calibration one block at a time (:meth:`calibration_groups`): one forward of the whole model per batch
+        observes the layers outside the blocks and records every block's call (masks, position embeddings) and
+        the first block's input; then, block after block, each batch's hidden state is run through that block
+        alone, observing its layers, and replaced by the block's output.  The hidden states of all batches are
+        held in a :class:`~sketchpass.store.Store` (on disk beyond ``max_bytes``)."""
+        model = self.cap.model
+        outside, per_block = groups[0], groups[1:]
+        store = Store(max_bytes, "block-mode calibration activations")
+        try:
+            keys = []
+            with fo.observing(outside, lambda st: st.dense, visit):
+                for k, batch in enumerate(batches):
+                    on_batch(batch)
+                    calls, (h, *_), _ = record_calls(model, self._chain, batch)
+                    store.put(k, (calls, h))
+                    keys.append(k)
+            finish(outside)
+            for i, group in enumerate(per_block):
+                block = model.get_submodule(self._chain[i])
+                with fo.observing(group, lambda st: st.dense, visit):
+                    for k in keys:
+                        calls, h = store.get(k)
+                        store.put(k, (calls, hidden_of(calls[i].run(block, h))))
+                finish(group)
+        finally:
+            store.close()
+
     def sensitivities(self, sites, batches, probes, seed) -> dict[str, float]:
         try:
             return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed,
@@ -284,7 +335,7 @@ class TorchFrontend:
         self._fitted: dict[str, nn.Module] = {}
         self._segments = None
         if self.cap.graph is None:
-            self._comp = copy.deepcopy(self.cap.model)
+            self._comp = _sharing_copy(self.cap.model)
 
     def refit_steps(self, sites: list[Site]) -> list[list[Site]]:
         if self.cap.graph is not None:
@@ -394,7 +445,7 @@ class TorchFrontend:
     def export(self, plan: Plan) -> nn.Module:
         if self.cap.graph is None:
             small = self._comp
-            self._comp = copy.deepcopy(self.cap.model)  # the next round starts from the original
+            self._comp = _sharing_copy(self.cap.model)  # the next round starts from the original
         elif self.cap.functional:  # functional uses were rewritten in the graph: the graph is the result
             small = copy.deepcopy(self.cap.model)
             for path, mod in self._replaced.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,9 @@ def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | N
     return LayerInput(xp, n, p_in, p_out, tuple(x.shape), x.dtype)
 
 
-def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site], nn.Module], batch,
-                  visit: Callable[[Site, LayerInput], None]) -> None:
-    """One forward pass of ``model`` on ``batch`` with a hook on every site's module."""
+@contextmanager
+def observing(sites: list[Site], module_of: Callable[[Site], nn.Module], visit: Callable[[Site, LayerInput], None]):
+    """Hooks that call ``visit`` with every input of every site's module while the block runs."""
     def make_hook(site: Site):
         mod = module_of(site)
 
@@ -61,11 +62,17 @@ def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site
 
     handles = [module_of(s).register_forward_hook(make_hook(s)) for s in sites]
     try:
-        with torch.no_grad():
-            call_model(model, batch)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site], nn.Module], batch,
+                  visit: Callable[[Site, LayerInput], None]) -> None:
+    """One forward pass of ``model`` on ``batch`` with a hook on every site's module."""
+    with observing(sites, module_of, visit), torch.no_grad():
+        call_model(model, batch)
 
 
 def model_macs(model: nn.Module, batch) -> int:

@@ -163,6 +163,12 @@ class OnnxFrontend:
         return []
 
     # ----------------------------------------------------------------- observe
+    def calibration_groups(self, sites):
+        return None, "ONNX graphs are calibrated whole"
+
+    def observe_blocks(self, batches, groups, visit, on_batch, finish, max_bytes) -> None:
+        raise NotImplementedError("ONNX graphs are calibrated whole")
+
     def observe_batch(self, batch, sites, visit) -> None:
         key = tuple(s.name for s in sites)
         if self._observe_session is None or self._observe_session[0] != key:
