@@ -5,7 +5,7 @@ See DESIGN §2 for the public API.  Importing this package never imports onnx.
 
 from __future__ import annotations
 
-from . import sketch
+from . import distributed, sketch
 from .api import apply, load, plan, profile, transform
 from .budget import Budget, InfeasibleBudgetError
 from .finetune import finetune
@@ -38,5 +38,6 @@ __all__ = [
     "SKConv2d",
     "SKLinear",
     "__version__",
+    "distributed",
     "sketch",
 ]

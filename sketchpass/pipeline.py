@@ -41,6 +41,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ import torch
 from .batches import Calib
 from .budget import Budget, InfeasibleBudgetError
 from .calib import CrossGramAccumulator, GramAccumulator
+from .distributed import Dist, RankFailedError, sum_cross, sum_gram, world
 from .latency import TimingCache
 from .latency.stage import next_offset, suspect_table, time_candidates, within_latency
 from .layers import factor_module, with_weight
@@ -148,6 +150,17 @@ class Frontend(Protocol):
 
 
 # =========================================================================== the stages
+@contextmanager
+def section(D: Dist | None, stage: str):
+    """Local work of a data-parallel stage (:meth:`Dist.section`); nothing when running alone."""
+    if D is None:
+        yield
+        return
+    with D.section(stage):
+        yield
+
+
+
 @dataclass
 class Stats:
     gram: GramAccumulator | None = None
@@ -165,6 +178,7 @@ class Observed:
     mode: str = "model"  # "model": every layer's Gram at once; "blocks": one block's at a time
     gram_bytes: int = 0  # Gram memory alive now, and at most
     peak_gram_bytes: int = 0
+    reduced: bool = False  # data-parallel: samples and batches summed over the ranks
 
 
 def gram_features(site: Site) -> int:
@@ -239,7 +253,28 @@ def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: boo
             obs.kept.append(data.head(batch, o.sensitivity_samples - have))
         adv(n)
 
+    D = world()
+
+    def reduce(group: list[Site]) -> None:  # data-parallel: the statistics of every rank's shard, summed
+        if D is None:
+            return
+        if not obs.reduced:
+            obs.samples, obs.batches = (int(v) for v in D.sum_numbers([obs.samples, obs.batches]))
+            obs.reduced = True
+        sts = [obs.stats[s.name] for s in group]
+        flat = D.sum_numbers([float(v) for st in sts for v in (st.calls, st.positions_in, st.positions_out)])
+        for i, st in enumerate(sts):
+            st.calls, st.positions_in, st.positions_out = (int(v) for v in flat[3 * i:3 * i + 3])
+        for s, st in zip(group, sts):
+            if wants[s.name] and st.calls:
+                if st.gram is None:  # no input on this rank's shard: zeros to the sum
+                    st.gram = GramAccumulator(gram_features(s), s.spec.groups)
+                sum_gram(D, st.gram)
+
     def finish(group: list[Site], whole: bool = False) -> None:
+        if D is not None:
+            D.agree("calibrating")
+        reduce(group)
         if obs.batches == 0:
             raise ValueError("the calibration data yielded no batches")
         record_observation(group, obs, o, notes if notes is not None else [])
@@ -254,20 +289,30 @@ def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: boo
     if groups is not None:
         obs.mode = "blocks"
         with progress_bar("calibrating", None, o.progress) as adv:
-            fe.observe_blocks(data.fit(), groups, visit, lambda b: count(b, adv), finish, o.max_activation_mb * 2**20)
+            try:
+                fe.observe_blocks(data.fit(), groups, visit, lambda b: count(b, adv), finish,
+                                  o.max_activation_mb * 2**20)
+            except RankFailedError:
+                raise
+            except Exception as exc:
+                if D is not None:  # tell the other ranks, at their next collective
+                    D.agree("calibrating", exc)
+                raise
         if notes is not None:
             notes.append(f"calibrated block by block ({len(groups) - 1} blocks): at most "
                          f"{obs.peak_gram_bytes / 2**20:.0f} MB of Grams at once, against {total / 2**20:.0f} MB for "
                          "the whole model")
         return obs
-    with progress_bar("calibrating", None, o.progress) as adv:
+    with progress_bar("calibrating", None, o.progress) as adv, section(D, "calibrating"):
         for batch in data.fit():
             fe.observe_batch(batch, active, visit)
             count(batch, adv)
-    if obs.batches == 0:
-        raise ValueError("the calibration data yielded no batches")
     if done is not None:
         finish(active, True)
+        return obs
+    reduce(active)
+    if obs.batches == 0:
+        raise ValueError("the calibration data yielded no batches")
     return obs
 
 
@@ -291,18 +336,38 @@ def record_observation(sites: list[Site], obs: Observed, o: Options, notes: list
         s.gram = g
 
 
-def measure_sensitivities(fe: Frontend, sites: list[Site], kept: list, o: Options, notes: list[str]) -> None:
+def measure_sensitivities(fe: Frontend, sites: list[Site], kept: list, o: Options, notes: list[str],
+                          data: Calib | None = None) -> None:
+    """The output gain of every active site, on the ``kept`` first samples.  Data-parallel: the first
+    ``sensitivity_samples`` samples of the ranks' kept ones in rank order (those of one process on the
+    concatenated shards), measured on rank 0 and broadcast."""
     active = [s for s in sites if s.skip is None]
     if not o.sensitivity_samples:
         notes.append("sensitivity_samples=0: every layer weighted equally")
         return
+    D = world()
+    if D is not None:
+        parts = D.gather(kept)
+        kept, have = [], 0
+        for batch in (b for part in parts for b in part):
+            if have >= o.sensitivity_samples:
+                break
+            kept.append(data.head(batch, o.sensitivity_samples - have))
+            have += data.size(kept[-1])
     if not active or not kept:
         return
-    try:
-        with progress_bar("sensitivity", None, o.progress):
-            sens = fe.sensitivities(active, kept, o.probes, o.seed)
-    except SensitivityUnavailable as exc:
-        notes.append(f"{exc}; every layer weighted equally")
+    sens: dict | str | None = None
+    with section(D, "measuring sensitivities"):
+        if D is None or D.rank == 0:  # data-parallel: measured on rank 0, broadcast
+            try:
+                with progress_bar("sensitivity", None, o.progress):
+                    sens = fe.sensitivities(active, kept, o.probes, o.seed)
+            except SensitivityUnavailable as exc:
+                sens = str(exc)
+    if D is not None:
+        sens = D.broadcast(sens)
+    if isinstance(sens, str):
+        notes.append(f"{sens}; every layer weighted equally")
         return
     if not any(v > 0 for v in sens.values()):
         notes.append("the model output does not move with the layers' outputs on the calibration data: "
@@ -334,6 +399,21 @@ def _finite(acc: CrossGramAccumulator) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in parts)
 
 
+def _made(D: Dist | None, group: list[Site], make: Callable[[Site], Any], counter: list[int]) -> list:
+    """``make(site)`` for every site of ``group``; data-parallel, each by its owner (the ranks in turn, counted
+    by ``counter``) and broadcast to the others."""
+    if D is None:
+        return [make(s) for s in group]
+    owners = [D.owner(counter[0] + i) for i in range(len(group))]
+    counter[0] += len(group)
+    mine: dict[int, Any] = {}
+    with section(D, f"fitting {group[0].name}"):
+        for i, s in enumerate(group):
+            if owners[i] == D.rank:
+                mine[i] = make(s)
+    return [D.broadcast(mine.get(i), src=owners[i]) for i in range(len(group))]
+
+
 def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | None, o: Options) -> dict:
     """Build every factored layer of ``plan`` into the frontend's fresh compressed copy.
 
@@ -352,14 +432,19 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
                 fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init))
                 adv(1, s.name)
             return info
+        D = world()
+        counter = [0]  # data-parallel: the layers' fits go to ranks in turn
         if not o.refit:  # every layer on its inputs in the original model: one pass (or one per block)
             notes: list[str] = []
 
             def done(group: list[Site], whole: bool) -> None:
-                for s in group:
+                def make(s: Site):
                     grams = s.gram.shrunk(o.shrink) if s.gram is not None else None
+                    return _build(s, decisions[s.name], plan.options, plan.seed, build_init, grams)
+
+                for s, module in zip(group, _made(D, group, make, counter)):
                     s.gram = None
-                    fe.replace(s, _build(s, decisions[s.name], plan.options, plan.seed, build_init, grams))
+                    fe.replace(s, module)
                     adv(1, s.name)
 
             observe(fe, todo, data, o.replace(sensitivity_samples=0, progress=False), grams=True, done=done,
@@ -371,38 +456,52 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
         store = Store(o.max_activation_mb * 2**20, "refit activations")
         try:
             keys = []
-            for i, batch in enumerate(data.fit()):
-                store.put(i, fe.start(batch))
-                keys.append(i)
+            with section(D, "starting the refit"):
+                for i, batch in enumerate(data.fit()):
+                    store.put(i, fe.start(batch))
+                    keys.append(i)
+            if D is not None:
+                D.same("the refit steps", [[s.name for s in step] for step in steps])
             for si, step in enumerate(steps):
                 accs = {s.name: CrossGramAccumulator(gram_features(s), s.spec.groups, weight=s.dense.weight)
                         for s in step}
                 seen = dict.fromkeys(accs, False)
-                for key in keys:
-                    env = store.get(key)
-                    for s in step:
-                        pair = fe.site_inputs(env, s)
-                        if pair is None:
-                            continue
-                        _accumulate(accs[s.name], s, *pair)
-                        seen[s.name] = True
+                with section(D, f"refitting {step[0].name}"):
+                    for key in keys:
+                        env = store.get(key)
+                        for s in step:
+                            pair = fe.site_inputs(env, s)
+                            if pair is None:
+                                continue
+                            _accumulate(accs[s.name], s, *pair)
+                            seen[s.name] = True
+                if D is not None:  # the union of the shards' statistics
+                    flags = D.gather([seen[s.name] for s in step])
+                    for j, s in enumerate(step):
+                        seen[s.name] = any(f[j] for f in flags)
+                        if seen[s.name]:
+                            sum_cross(D, accs[s.name])
                 for s in step:
-                    d = decisions[s.name]
                     if seen[s.name] and not _finite(accs[s.name]):
                         notes.append(f"{s.name}: its inputs overflow (inf/NaN) in the refit; fitted data-free")
                         seen[s.name] = False
+
+                def make(s: Site, seen=seen, accs=accs):
+                    d = decisions[s.name]
                     if not seen[s.name]:
-                        module = _build(s, d, plan.options, plan.seed, "lstsq" if build_init == "calibrated"
-                                        else build_init)
-                    else:
-                        W_t, grams, wc = refit_target(s.dense.weight, accs[s.name], s.spec.groups, o.shrink)
-                        module = _build(s, d, plan.options, plan.seed, build_init, grams, W_t, wc)
+                        return _build(s, d, plan.options, plan.seed, "lstsq" if build_init == "calibrated"
+                                      else build_init)
+                    W_t, grams, wc = refit_target(s.dense.weight, accs[s.name], s.spec.groups, o.shrink)
+                    return _build(s, d, plan.options, plan.seed, build_init, grams, W_t, wc)
+
+                for s, module in zip(step, _made(D, step, make, counter)):
                     fe.replace(s, module)
                     adv(1, s.name)
-                del accs
+                del accs, make
                 if si + 1 < len(steps):
-                    for key in keys:
-                        store.put(key, fe.advance(si, store.get(key)))
+                    with section(D, f"running the models past {step[-1].name}"):
+                        for key in keys:
+                            store.put(key, fe.advance(si, store.get(key)))
             info = {"refit_steps": len(steps), "store_peak_mb": round(store.peak_bytes / 2**20, 1),
                     "store_spilled": store.spilled}
             plan.notes.extend(n for n in notes if n not in plan.notes)
@@ -437,7 +536,8 @@ def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Cali
     lnum = {s.name: 0.0 for s in factored}
     lden = {s.name: 0.0 for s in factored}
     samples = batches = 0
-    with progress_bar("verifying", None, o.progress) as adv:
+    D = world()
+    with progress_bar("verifying", None, o.progress) as adv, section(D, "verifying"):
         for batch in data.held_out():
             ref, out, layers = fe.compare(emitted, batch, factored)
             if len(ref) != len(out):
@@ -457,12 +557,44 @@ def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Cali
             samples += n
             batches += 1
             adv(n)
+    if D is not None:  # the union of the ranks' held-out batches
+        names = [s.name for s in factored]
+        flat = D.sum_numbers([num, den, samples, batches] + [lnum[k] for k in names] + [lden[k] for k in names])
+        num, den, samples, batches = flat[0], flat[1], int(flat[2]), int(flat[3])
+        lnum = dict(zip(names, flat[4:4 + len(names)]))
+        lden = dict(zip(names, flat[4 + len(names):]))
     if batches == 0:
         return {"measured": None, "samples": 0, "batches": 0}
     for s in factored:
         plan[s.name].decision.measured_error = lnum[s.name] / lden[s.name] if lden[s.name] > 0 else 0.0
     measured = num / den if den > 0 else (0.0 if num == 0 else math.inf)
     return {"measured": measured, "samples": samples, "batches": batches}
+
+
+def attribute(fe: Frontend, factored: list[Site], data: Calib, o: Options) -> dict[str, tuple[float, float]]:
+    """Every factored layer's single-layer output error (:meth:`Frontend.single_layer_errors`) on the first
+    ``sensitivity_samples`` held-out samples.  Data-parallel: rank 0's samples, sent to every rank, each rank
+    measuring the layers it owns."""
+    D = world()
+    kept: list = []
+    with section(D, "attributing the output error"):
+        if D is None or D.rank == 0:
+            have = 0
+            for batch in data.held_out():
+                if have >= max(o.sensitivity_samples, 1):
+                    break
+                kept.append(data.head(batch, max(o.sensitivity_samples, 1) - have))
+                have += data.size(kept[-1])
+    if D is None:
+        return fe.single_layer_errors(factored, kept)
+    kept = D.broadcast(kept)
+    mine: dict = {}
+    with section(D, "attributing the output error"):
+        mine = fe.single_layer_errors([s for i, s in enumerate(factored) if D.owner(i) == D.rank], kept)
+    out: dict = {}
+    for part in D.gather(mine):
+        out.update(part)
+    return out
 
 
 def ratio_of(measured: float | None, predicted: float) -> float | None:
@@ -509,25 +641,51 @@ class Planned:
     model: Any = None
 
 
-def _open_data(fe: Frontend, calib, o: Options) -> tuple[Calib | None, Any]:
-    if calib is None:
-        fe.prepare(None)
-        return None, None
-    data = fe.calib(calib, o)
-    first = data.first()
-    if first is None:
-        raise ValueError("the calibration data yielded no batches")
-    fe.prepare(first)
+def _open_data(fe: Frontend, calib, o: Options, timed: bool = False) -> tuple[Calib | None, Any]:
+    D = world()
+    if D is not None:
+        if fe.name != "torch":
+            raise ValueError(f"data-parallel calibration ({D.size} processes) is for PyTorch models; run the ONNX pass "
+                             "in one process")
+        if timed:
+            raise ValueError(f"a latency budget is timed on one process and its device: run it without torchrun (this "
+                             f"is rank {D.rank} of {D.size})")
+        if calib is None:
+            raise ValueError("data-parallel calibration needs calib=: each rank's own shard of the calibration data")
+    data = first = None
+    with section(D, "reading the calibration data"):
+        if calib is None:
+            fe.prepare(None)
+        else:
+            data = fe.calib(calib, o)
+            first = data.first()
+            if first is None:
+                raise ValueError("the calibration data yielded no batches")
+            fe.prepare(first)
+    if D is not None:  # the collectives follow the model's structure: it must be the same everywhere
+        D.same("the model's layers and how the pass runs them",
+               (fe.capture, [(s.name, s.skip) for s in fe.sites()], fe.notes))
+        fe.notes.append(f"data-parallel calibration over {D.size} processes ({D.backend}): statistics summed over the "
+                        "ranks' shards, layers' fits spread over the ranks")
     return data, first
 
 
 def _calib_record(data: Calib | None) -> dict | None:
-    if data is None or data.counts is None:
+    """What the plan records of the calibration data (data-parallel: summed over the ranks; every rank calls
+    this at the same point)."""
+    D = world()
+    if data is None or (data.counts is None and D is None):
         return None
-    c = data.counts
+    c = data.counts or {"batches": 0, "samples": 0, "holdout_batches": 0, "holdout_samples": 0}
+    if D is not None:
+        keys = ("batches", "samples", "holdout_batches", "holdout_samples")
+        c = dict(zip(keys, (int(v) for v in D.sum_numbers([c.get(k, 0) for k in keys]))))
+        c["ranks"] = D.size
     out = {"samples": c["samples"], "batches": c["batches"]}
     if c["holdout_batches"]:
         out.update(holdout_samples=c["holdout_samples"], holdout_batches=c["holdout_batches"])
+    if "ranks" in c:
+        out["ranks"] = c["ranks"]
     return out
 
 
@@ -535,7 +693,7 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
              build: bool = True) -> Planned:
     """Every stage: the plan, and (``build``) the emitted model of the round that was kept."""
     o.check_frontend(fe.name)
-    data, first = _open_data(fe, calib, o)
+    data, first = _open_data(fe, calib, o, timed=budget.timed)
     try:
         # ------------------------------------------------------------- find sites
         sites = fe.sites()
@@ -548,9 +706,19 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         units = tuple(u for u in ("params", "flops") if getattr(budget, u) is not None)  # forms must be cheaper in
         chosen: dict[str, Choices] = {}
 
+        D = world()
+
         def done(group: list[Site], whole: bool) -> None:  # a group's statistics are complete: its candidates
-            for s, c in zip(group, candidates(group, units, o, True, overrides or {}, o.progress if whole else False)):
-                chosen[s.name] = c
+            mine = group if D is None else [s for i, s in enumerate(group) if D.owner(i) == D.rank]
+            got: dict[str, Choices] = {}
+            with section(D, "computing candidate forms"):
+                got = dict(zip([s.name for s in mine], candidates(mine, units, o, True, overrides or {},
+                                                                   o.progress if whole else False)))
+            if D is not None:  # every layer's candidates from its owner
+                for part in D.gather(got):
+                    chosen.update(part)
+            else:
+                chosen.update(got)
 
         if data is not None:
             obs = observe(fe, sites, data, o, done=done, notes=notes)
@@ -566,9 +734,11 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         notes += [n for n in fe.notes if n not in notes]
         model_macs = max(fe.model_macs(sites, first if first is not None else o.example_inputs),
                          sum(s.spec.macs for s in sites if s.spec.d_in))
+        if D is not None:
+            model_macs = D.broadcast(model_macs)  # rank 0's first batch, as a single process would count
         # ------------------------------------------------------------- sensitivities
         if obs is not None:
-            measure_sensitivities(fe, sites, obs.kept, o, notes)
+            measure_sensitivities(fe, sites, obs.kept, o, notes, data)
             obs.kept.clear()
         # ------------------------------------------------------------- candidates (the rest: fixed, or data-free)
         rest = [s for s in sites if s.name not in chosen]
@@ -599,7 +769,7 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         if lat is not None:
             plan.latency = {"target": lat["target"].to_dict(), "dense_ms": lat["total"],
                             "predicted_ms": predicted_latency(plan, lat), "input_shapes": lat["shapes"]}
-        nothing_held = data is not None and not (data.counts or {}).get("holdout_batches")
+        nothing_held = data is not None and not (calib_rec or {}).get("holdout_batches")
         if not build and lat is None and (data is None or not o.holdout or o.init == "random" or nothing_held):
             finish_unverified(plan, data, o)  # nothing to measure: no need to fit now
             return Planned(plan)
@@ -644,7 +814,7 @@ def run_profile(fe: Frontend, calib, o: Options, overrides: dict | None = None) 
     of :func:`run_plan` up to the timing; nothing is fitted): what ``sketchpass profile`` runs, so that later
     plans on the same device read their layer times from the table."""
     o.check_frontend(fe.name)
-    data, first = _open_data(fe, calib, o)
+    data, first = _open_data(fe, calib, o, timed=True)
     try:
         sites = fe.sites()
         if data is not None:
@@ -791,13 +961,7 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         err_rounds += 1
         factored = [s for s in sites if current[s.name].decision.method != "dense"]
         with progress_bar("attributing", None, o.progress):
-            kept, have = [], 0
-            for batch in data.held_out():
-                if have >= max(o.sensitivity_samples, 1):
-                    break
-                kept.append(data.head(batch, max(o.sensitivity_samples, 1) - have))
-                have += data.size(kept[-1])
-            single = fe.single_layer_errors(factored, kept)
+            single = attribute(fe, factored, data, o)
         corr = corrections(current, single, ver["measured"])
         rec["alone"] = {lp.spec.name: lp.measured_output_error for lp in current.layers
                         if lp.measured_output_error is not None}
@@ -839,7 +1003,8 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         return Planned(chosen, emitted if build else None)
     ratio = ratio_of(measured, chosen.totals["predicted_output_error"])
     ver = {"predicted": chosen.totals["predicted_output_error"], "measured": measured, "ratio": ratio,
-           "samples": data.counts["holdout_samples"], "batches": data.counts["holdout_batches"],
+           "samples": (chosen.calib or {}).get("holdout_samples", 0),
+           "batches": (chosen.calib or {}).get("holdout_batches", 0),
            "tolerance": o.tolerance, "rounds": rounds, "kept_round": kept_round, "closed": within(ratio, o.tolerance),
            "warning": None}
     if not ver["closed"]:
@@ -912,7 +1077,7 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
                                              f"predicted {predicted:.4g} (tolerance {o.tolerance:g}×): the plan's "
                                              "per-layer predictions do not hold here; check the result on your "
                                              "own metric")
-        if out.latency is not None and ("latency" in out.budget or "latency_ms" in out.budget):
+        if out.latency is not None and ("latency" in out.budget or "latency_ms" in out.budget) and world() is None:
             # the plan was made for a latency budget: measure what this application emitted, on its target
             from .latency import resolve_target
 

@@ -251,3 +251,26 @@ def test_block_mode_on_a_decoder_matches_whole_model():
     ids = calib[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=1e-3, atol=1e-4)
+
+
+def test_an_interrupted_block_mode_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Interrupted in the middle of block-by-block calibration with its activations on disk: no model, and the
+    temporary folder of spilled activations is gone."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = Stack(n=4).eval()
+    calls = [0]
+
+    def interrupt(mod, args):
+        calls[0] += 1
+        if calls[0] == len(_calib()) + 3:  # past the whole-model forwards, inside the per-block runs
+            assert list(tmp_path.glob("sketchpass-store-*/*")), "the activations were meant to be on disk"
+            raise KeyboardInterrupt
+
+    model.blocks[2].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sp.transform(model, sp.Budget(params=0.6), calib=_calib(), method="svd", capture="modules", rounds=0,
+                     progress=False, blocks="on", max_activation_mb=1e-4)
+    assert calls[0] == len(_calib()) + 3
+    assert not list(tmp_path.iterdir())

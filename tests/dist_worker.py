@@ -1,0 +1,94 @@
+"""One rank of a data-parallel pass, for tests/test_distributed.py (run under torchrun; not a test module).
+
+    torchrun --nproc-per-node 2 tests/dist_worker.py CASE OUT_DIR
+
+Every rank transforms the same tiny model on its own shard (:func:`shards`) and writes ``OUT_DIR/rank{r}.pt``
+(the plan as JSON, the logits on fixed tokens) or, when the pass raised, ``OUT_DIR/rank{r}.err`` (the exception's
+type and message) and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+
+import torch
+
+import sketchpass as sp
+
+CASES = {
+    # case: (batches of rank 0, of rank 1, options)
+    "even": (8, 8, {"method": "auto", "blocks": "on"}),  # holdout 8: each rank holds out its 8th batch
+    "uneven": (8, 3, {"method": "svd", "holdout": 0, "rounds": 0}),
+    "bad-shard": (8, 8, {"method": "svd", "blocks": "on"}),  # rank 1's third batch holds a NaN
+    "oom": (8, 8, {"method": "svd"}),  # rank 1 runs out of memory in the refit
+}
+
+
+def model():
+    import transformers
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, vocab_size=96, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def shards(case: str) -> list[list[dict]]:
+    """The batches of each rank (rank 0's first: their concatenation is the single-process data)."""
+    n0, n1, _ = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (2 * (n0 + n1), 12), generator=g)
+    batches = [{"input_ids": ids[i:i + 2]} for i in range(0, len(ids), 2)]
+    return [batches[:n0], batches[n0:]]
+
+
+def options(case: str) -> dict:
+    return {"progress": False, **CASES[case][2]}
+
+
+def probe() -> torch.Tensor:
+    return torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def main() -> int:
+    case, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    d = sp.distributed.init(backend="gloo", timeout_s=60)
+    rank = d.rank
+    data = shards(case)[rank]
+    if case == "bad-shard" and rank == 1:
+        data[2] = {"input_ids": data[2]["input_ids"], "attention_mask": torch.full((2, 12), float("nan"))}
+    if case == "oom" and rank == 1:  # fault injection: the third refit input this rank reads fails
+        from sketchpass.fx.frontend import TorchFrontend
+
+        real, calls = TorchFrontend.site_inputs, [0]
+
+        def failing(self, env, site):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise MemoryError("simulated: out of memory")
+            return real(self, env, site)
+
+        TorchFrontend.site_inputs = failing
+    try:
+        small = sp.transform(model(), sp.Budget(params=0.7), calib=data, **options(case))
+    except Exception as exc:  # noqa: BLE001 - written for the test to read
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n")
+        traceback.print_exc()
+        return 3
+    with torch.no_grad():
+        logits = small(input_ids=probe()).logits
+    torch.save({"plan": small.sketchpass_plan.to_json(), "logits": logits}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
