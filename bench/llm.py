@@ -23,18 +23,19 @@ tied to ``lm_head`` and kept dense; the whole-model fraction is then ``1 − (1 
   at a time; the pass would choose it by itself when all the Grams exceed ``max_grams_mb``): the same plan at a
   lower peak memory;
 * **solver + finetune** (whole-model budgets) — the solver's model after ``sp.finetune(small, teacher=model,
-  …)``: ``--ft-steps`` (40) steps of logit distillation (KL, Adam, lr ``--ft-lr`` 1e-4, cosine) on batches of 4
+  …)``: ``--ft-steps`` (20) steps of logit distillation (KL, Adam, lr ``--ft-lr`` 1e-4, cosine) on batches of 4
   × 256 tokens of *Emma* that follow the calibration windows, training the factors and biases.
 
 Calibration: ``--calib-windows`` (32) windows of 256 tokens of *Emma* in batches of 4 (one in 8 held out by
 the pipeline).  Evaluation: perplexity on ``--eval-windows`` (16) windows of 512 tokens of *Persuasion*, never
 seen in calibration or fine-tuning (Debian ``r-cran-janeaustenr``).  Per row: achieved params (whole model and
 Linear only), perplexity, the plan's predicted and measured output errors, the transform time and the
-process's peak RSS during the transform (sampled; the dense model, ~0.6 GB, is resident throughout).
+process's peak RSS during the transform (every row runs in a fresh process; sampled; the loaded dense model and
+the libraries, ~1.3 GB, are resident throughout).
 
 **Scale** (``--part scale``). Random-weight ``LlamaForCausalLM`` configs of the shapes of SmolLM2-135M,
-SmolLM2-360M and TinyLlama-1.1B, each transformed in a fresh process (``--scale-one``) at ``Budget(params=0.8)``,
-``method="svd"``, ``rounds=0``, on ``--scale-windows`` (8) random windows of 256 tokens in batches of 2: wall time,
+SmolLM2-360M and TinyLlama-1.1B (and the 135M one again with ``blocks="on"``), each transformed in a fresh
+process (``--scale-one``) at ``Budget(params=0.8)``, ``method="svd"``, ``rounds=0``, on ``--scale-windows`` (8) random windows of 256 tokens in batches of 2: wall time,
 the process's peak RSS (``ru_maxrss``, model creation included), the calibration mode the pass chose (the whole
 model's Grams at once, or block by block when they would exceed ``max_grams_mb``) and its peak Gram memory.
 A two-term cost model is fitted to the times, ``t ≈ a · N · T + b · Σ d_in³`` (``N`` = Linear params, ``T`` =
@@ -99,83 +100,96 @@ def uniform_params(model: nn.Module, ranks: dict[str, int], total: int) -> int:
     return total
 
 
-def row_of(label, budget, kind, small, secs, peak, windows, total, lin) -> dict:
+def _assets(args):
+    tok, model = text.load_smollm2()
+    emma = text.austen("emma")
+    all_windows = text.token_windows(tok, emma, 256, count=args.calib_windows + 4 * args.ft_steps)
+    calib = text.lm_batches(all_windows[: args.calib_windows], 4)
+    ft_data = text.lm_batches(all_windows[args.calib_windows:], 4)
+    windows = text.token_windows(tok, text.austen("persuasion"), 512, count=args.eval_windows)
+    return model, calib, ft_data, windows
+
+
+def quality_row(args, spec: dict) -> dict:
+    """One row, in this (fresh) process: ``spec`` = label, budget, kind, fraction, f (uniform ranks), data,
+    blocks, finetune."""
+    model, calib, ft_data, windows = _assets(args)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    lin = linear_params(model)
+    if spec["label"] == "dense":
+        return {"method": "dense", "budget": 1.0, "kind": "—", "achieved_params": 1.0, "achieved_linear": 1.0,
+                "perplexity": text.perplexity(model, windows)}
+    kw = {}
+    if spec.get("f") is not None:
+        kw["overrides"] = uniform_ranks(model, spec["f"])
+    if spec.get("blocks"):
+        kw["blocks"] = spec["blocks"]
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        small = sp.transform(model, sp.Budget(params=spec["fraction"]), calib=calib if spec["data"] else None,
+                             method="svd", rounds=0, progress=False, **kw)
+        secs = time.perf_counter() - t0
     p = small.sketchpass_plan
     v = p.verify or {}
-    ppl = text.perplexity(small, windows)
     achieved = p.achieved()["params"]
     notes = [n for n in p.notes if "chained" in n or "up to every layer" in n]
-    row = {"method": label, "budget": budget, "kind": kind, "achieved_params": achieved,
-           "achieved_linear": 1 - (1 - achieved) * total / lin, "perplexity": ppl,
+    row = {"method": spec["label"], "budget": spec["budget"], "kind": spec["kind"], "achieved_params": achieved,
+           "achieved_linear": 1 - (1 - achieved) * total / lin, "perplexity": text.perplexity(small, windows),
            "transform_s": round(secs, 1), "peak_rss_mb": round(peak.peak_mb), "start_rss_mb": round(peak.start_mb),
            "predicted_output_error": p.totals["predicted_output_error"], "measured_output_error": v.get("measured"),
            "refit": notes[0] if notes else None, "calib_mode": (p.calib or {}).get("mode"),
            "peak_gram_mb": (p.calib or {}).get("peak_gram_mb"),
            "ranks": {lp.spec.name: lp.decision.rank for lp in p.layers if lp.decision.method == "svd"}}
-    print(f"  {label:24s} {kind} {budget:g}: achieved {achieved:.4f} (Linear {row['achieved_linear']:.4f}), "
-          f"perplexity {ppl:.2f}, {secs:.0f} s, peak RSS {peak.peak_mb / 1024:.1f} GB", file=sys.stderr, flush=True)
+    if spec.get("finetune"):
+        t1 = time.perf_counter()
+        tuned = sp.finetune(small, teacher=model, data=ft_data, steps=args.ft_steps, lr=args.ft_lr, progress=False,
+                            seed=0)
+        row.update(finetune_s=round(time.perf_counter() - t1, 1), finetune_steps=args.ft_steps,
+                   finetuned_perplexity=text.perplexity(tuned, windows))
     return row
 
 
-def run(model, label, budget, kind, calib, windows, total, lin, fraction=None, **kw) -> tuple[dict, nn.Module]:
-    """One transform at ``Budget(params=fraction)`` (default ``budget``), its row and its model."""
-    with PeakRSS() as peak:
-        t0 = time.perf_counter()
-        small = sp.transform(model, sp.Budget(params=budget if fraction is None else fraction), calib=calib,
-                             method="svd", rounds=0, progress=False, **kw)
-        secs = time.perf_counter() - t0
-    return row_of(label, budget, kind, small, secs, peak, windows, total, lin), small
+def _child(args, spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--row", json.dumps(spec), "--calib-windows", str(args.calib_windows),
+           "--eval-windows", str(args.eval_windows), "--ft-steps", str(args.ft_steps), "--ft-lr", str(args.ft_lr),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the row {spec} failed:\n{out.stderr[-3000:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    ppl = f", finetuned {row['finetuned_perplexity']:.2f}" if "finetuned_perplexity" in row else ""
+    print(f"  {row['method']:30s} {row['kind']} {row['budget']:g}: params {row['achieved_params']:.4f}, "
+          f"perplexity {row['perplexity']:.2f}{ppl}, {row.get('transform_s', '')} s, peak RSS "
+          f"{row.get('peak_rss_mb', 0) / 1024:.1f} GB", file=sys.stderr, flush=True)
+    return row
 
 
 def quality(args) -> dict:
+    """Every row in a fresh process (a transform's peak memory is then its own); the uniform fraction of each
+    budget from the solver row's achieved params."""
     tok, model = text.load_smollm2()
-    emma = text.austen("emma")
-    n_ft = 4 * args.ft_steps
-    all_windows = text.token_windows(tok, emma, 256, count=args.calib_windows + n_ft)
-    calib = text.lm_batches(all_windows[: args.calib_windows], 4)
-    ft_data = text.lm_batches(all_windows[args.calib_windows:], 4)
-    windows = text.token_windows(tok, text.austen("persuasion"), 512, count=args.eval_windows)
-    t0 = time.perf_counter()
-    dense_ppl = text.perplexity(model, windows)
-    print(f"  dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     lin = linear_params(model)
-    rows = [{"method": "dense", "budget": 1.0, "kind": "—", "achieved_params": 1.0, "achieved_linear": 1.0,
-             "perplexity": dense_ppl}]
+    rows = [_child(args, {"label": "dense"})]
     budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
     for b in budgets:
         for kind in ("whole", "linear"):
             frac = b if kind == "whole" else 1 - (1 - b) * lin / total
-            solver, small = run(model, "solver", b, kind, calib, windows, total, lin,
-                                fraction=frac)
+            base = {"budget": b, "kind": kind, "data": True}
+            solver = _child(args, {**base, "label": "solver", "fraction": frac,
+                                   "finetune": kind == "whole" and args.ft_steps > 0})
             rows.append(solver)
-            if kind == "whole" and b == budgets[0]:  # the same plan calibrated one block at a time
-                blk, _ = run(model, "solver, blocks='on'", b, kind, calib, windows, total, lin, blocks="on")
-                rows.append(blk)
-            if kind == "whole" and args.ft_steps:
-                t1 = time.perf_counter()
-                tuned = sp.finetune(small, teacher=model, data=ft_data, steps=args.ft_steps, lr=args.ft_lr,
-                                    progress=False, seed=0)
-                ft_s = time.perf_counter() - t1
-                ppl = text.perplexity(tuned, windows)
-                rows.append({**solver, "method": "solver + finetune", "perplexity": ppl, "finetune_s": round(ft_s, 1),
-                             "finetune_steps": args.ft_steps})
-                print(f"  {'solver + finetune':24s} {kind} {b:g}: perplexity {ppl:.2f} ({ft_s:.0f} s)",
-                      file=sys.stderr, flush=True)
-                del tuned
-            del small
+            if kind == "whole" and b == budgets[0]:  # the same plan, calibrated one block at a time
+                rows.append(_child(args, {**base, "label": "solver, blocks='on'", "fraction": frac, "blocks": "on"}))
             target = solver["achieved_params"] * total
             lo, hi = 0.0, 1.0
             for _ in range(30):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if uniform_params(model, uniform_ranks(model, mid), total) <= target else (lo, mid)
             f = int(lo * 1000) / 1000
-            ranks = uniform_ranks(model, f)
-            uni, _ = run(model, f"uniform whitened SVD (f={f:g})", b, kind, calib, windows, total, lin,
-                         overrides=ranks, fraction=1.0)
-            plain, _ = run(model, f"plain SVD (f={f:g})", b, kind, None, windows, total, lin, overrides=ranks,
-                           fraction=1.0)
-            rows += [uni, plain]
+            rows.append(_child(args, {**base, "label": f"uniform whitened SVD (f={f:g})", "fraction": 1.0, "f": f}))
+            rows.append(_child(args, {**base, "label": f"plain SVD (f={f:g})", "fraction": 1.0, "f": f,
+                                      "data": False}))
     return {"rows": rows, "model_params": total, "linear_params": lin}
 
 
@@ -205,7 +219,9 @@ def work(shape: str, tokens: int) -> dict:
             "model_mb": (lin + vocab * h * (1 if tied else 2)) * 4 / 2**20}
 
 
-def scale_one(shape: str, windows: int, threads: int) -> dict:
+def scale_one(spec: str, windows: int, threads: int) -> dict:
+    """``spec``: a shape of SHAPES, with ``:on`` for ``blocks="on"`` (else the pass's own choice)."""
+    shape, _, blocks = spec.partition(":")
     torch.set_num_threads(threads)
     model = llama(shape)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -214,10 +230,11 @@ def scale_one(shape: str, windows: int, threads: int) -> dict:
     ids = torch.randint(3, vocab, (windows, 256), generator=g)
     calib = [{"input_ids": ids[i:i + 2]} for i in range(0, windows, 2)]
     t0 = time.perf_counter()
-    small = sp.transform(model, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0, progress=False)
+    small = sp.transform(model, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0, progress=False,
+                         blocks=blocks or "auto")
     secs = time.perf_counter() - t0
     p = small.sketchpass_plan
-    return {"shape": shape, "params": params, "transform_s": round(secs, 1),
+    return {"shape": shape, "blocks": blocks or "auto", "params": params, "transform_s": round(secs, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "calib_mode": p.calib.get("mode"), "peak_gram_mb": p.calib.get("peak_gram_mb"),
             "achieved_params": p.achieved()["params"], "tokens": windows * 256,
@@ -234,22 +251,23 @@ def scale(args) -> dict:
         if out.returncode != 0:
             raise RuntimeError(f"the {shape} run failed:\n{out.stderr[-3000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row.update(work(shape, row["fit_tokens"]))
+        row.update(work(row["shape"], row["fit_tokens"]))
         rows.append(row)
         print(f"  scale: {shape}: {row['transform_s']} s, peak RSS {row['peak_rss_mb']} MB, {row['calib_mode']}",
               file=sys.stderr, flush=True)
     # least squares t = a·NT + b·d3 (no constant: both terms vanish with the model)
     import numpy as np
 
-    A = np.array([[r["nt"], r["d3"]] for r in rows], dtype=float)
-    t = np.array([r["transform_s"] for r in rows], dtype=float)
+    fit = [r for r in rows if r["blocks"] == "auto"]
+    A = np.array([[r["nt"], r["d3"]] for r in fit], dtype=float)
+    t = np.array([r["transform_s"] for r in fit], dtype=float)
     scale_cols = A.max(0)
     coef, *_ = np.linalg.lstsq(A / scale_cols, t, rcond=None)
     a, b = coef / scale_cols
     for r in rows:
         r["model_s"] = round(float(a * r["nt"] + b * r["d3"]), 1)
         r["forward_share"] = round(float(a * r["nt"] / (a * r["nt"] + b * r["d3"])), 3)
-    seven = work("7B", rows[-1]["fit_tokens"])
+    seven = work("7B", fit[-1]["fit_tokens"])
     seven.update(shape="7B (projected)", model_s=round(float(a * seven["nt"] + b * seven["d3"]), 1))
     return {"rows": rows, "a": float(a), "b": float(b), "projection": seven}
 
@@ -278,19 +296,18 @@ def markdown(res: dict, meta: dict) -> list[str]:
             "refitted); `plain SVD`: the same ranks from a truncated SVD of the weights, no data; `+ finetune`: the "
             f"solver's model after {meta['ft_steps']} steps of `sp.finetune` distillation (4 × 256 tokens of *Emma* "
             f"per step, lr {meta['ft_lr']:g}); `pred.` / `meas.`: the plan's predicted output error and the one it "
-            "measured on held-out calibration batches; `peak RSS`: the process during the transform (the dense model "
-            "resident throughout)", "",
-            "| budget | of | method | params | Linear params | perplexity | pred. | meas. | transform s "
+            "measured on held-out calibration batches; `peak RSS`: the process during the transform (a fresh process "
+            "per row; the loaded dense model and libraries resident throughout)", "",
+            "| budget | of | method | params | Linear params | perplexity | + finetune | pred. | meas. | transform s "
             "| peak RSS GB |",
-            "|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in q["rows"]:
             rss = r.get("peak_rss_mb")
-            ts = r.get("transform_s", "")
-            if "finetune_s" in r:
-                ts = f"{ts} + {r['finetune_s']} ft"
+            ft = r.get("finetuned_perplexity")
             lines.append(f"| {r['budget']:g} | {r['kind']} | {r['method']} | {r['achieved_params']:.4f} | "
-                         f"{r['achieved_linear']:.4f} | {r['perplexity']:.2f} | {g(r.get('predicted_output_error'))} | "
-                         f"{g(r.get('measured_output_error'))} | {ts} | {'' if rss is None else f'{rss / 1024:.1f}'} |")
+                         f"{r['achieved_linear']:.4f} | {r['perplexity']:.2f} | {'' if ft is None else f'{ft:.2f}'} | "
+                         f"{g(r.get('predicted_output_error'))} | {g(r.get('measured_output_error'))} | "
+                         f"{r.get('transform_s', '')} | {'' if rss is None else f'{rss / 1024:.1f}'} |")
         refit = next((r["refit"] for r in q["rows"] if r.get("refit")), None)
         if refit:
             lines += ["", f"Refit: {refit}."]
@@ -306,7 +323,8 @@ def markdown(res: dict, meta: dict) -> list[str]:
                   "model s | N·T share | peak RSS GB | model fp32 GB |",
                   "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|"]
         for r in s["rows"]:
-            lines.append(f"| {r['shape']} | {r['params'] / 1e6:.0f} M | {r['linear_params'] / 1e6:.0f} M | "
+            name = r["shape"] + (" (blocks=on)" if r["blocks"] == "on" else "")
+            lines.append(f"| {name} | {r['params'] / 1e6:.0f} M | {r['linear_params'] / 1e6:.0f} M | "
                          f"{r['calib_mode']} | {r['peak_gram_mb']:.0f} ({r['grams_mb']:.0f}) | {r['transform_s']} | "
                          f"{r['model_s']} | {r['forward_share']:.2f} | {r['peak_rss_mb'] / 1024:.1f} | "
                          f"{r['model_mb'] / 1024:.1f} |")
@@ -328,14 +346,19 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="0.9,0.8,0.7")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--ft-steps", type=int, default=40)
+    ap.add_argument("--ft-steps", type=int, default=20)
     ap.add_argument("--ft-lr", type=float, default=1e-4)
-    ap.add_argument("--shapes", default="135M,360M,1.1B")
+    ap.add_argument("--shapes", default="135M,135M:on,360M,1.1B")
     ap.add_argument("--scale-windows", type=int, default=8)
     ap.add_argument("--scale-one", help=argparse.SUPPRESS)
+    ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs")
     args = ap.parse_args(argv)
+    if args.row:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(quality_row(args, json.loads(args.row))))
+        return 0
     if args.scale_one:
         print(json.dumps(scale_one(args.scale_one, args.scale_windows, args.threads)))
         return 0

@@ -321,6 +321,17 @@ class TorchFrontend:
             store.close()
 
     def sensitivities(self, sites, batches, probes, seed) -> dict[str, float]:
+        # the backward keeps every layer's output (and its perturbation) of the samples it runs on: batches are cut
+        # into chunks whose estimate stays within max_activation_mb (the gains are sums over samples)
+        per_sample = 12 * sum(s.spec.p_out * s.spec.d_out for s in sites)
+        chunk = max(1, int(self.o.max_activation_mb * 2**20 // max(per_sample, 1)))
+        cut = []
+        for b in batches:
+            while batch_size(b) > chunk:
+                head, b = _split(b, chunk)
+                cut.append(head)
+            cut.append(b)
+        batches = cut
         try:
             return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed,
                                   module_of=lambda st: self._out(self.cap.model, st))
