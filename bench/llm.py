@@ -35,7 +35,8 @@ the libraries, ~1.3 GB, are resident throughout).
 
 **Scale** (``--part scale``). Random-weight ``LlamaForCausalLM`` configs of the shapes of SmolLM2-135M,
 SmolLM2-360M and TinyLlama-1.1B (and the 135M one again with ``blocks="on"``), each transformed in a fresh
-process (``--scale-one``) at ``Budget(params=0.8)``, ``method="svd"``, ``rounds=0``, on ``--scale-windows`` (8) random windows of 256 tokens in batches of 2: wall time,
+process (``--scale-one``) at ``Budget(params=0.8)``, ``method="svd"``, ``rounds=0``, on ``--scale-windows`` (8)
+random windows of 256 tokens in batches of 2: wall time,
 the process's peak RSS (``ru_maxrss``, model creation included), the calibration mode the pass chose (the whole
 model's Grams at once, or block by block when they would exceed ``max_grams_mb``) and its peak Gram memory.
 A two-term cost model is fitted to the times, ``t ≈ a · N · T + b · Σ d_in³`` (``N`` = Linear params, ``T`` =
