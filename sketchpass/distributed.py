@@ -41,6 +41,13 @@ DEFAULT_TIMEOUT_S = 600.0
 class RankFailedError(RuntimeError):
     """Another rank of the data-parallel pass failed; the message says which, where and why."""
 
+    _sketchpass_announced = True
+
+
+def announced(exc: BaseException) -> bool:
+    """Whether every rank already knows of ``exc`` (it came out of :meth:`Dist.agree`)."""
+    return bool(getattr(exc, "_sketchpass_announced", False))
+
 
 def _dist():
     import torch.distributed as dist
@@ -99,6 +106,8 @@ class Dist:
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - announced to every rank, then re-raised
+            if announced(exc):  # every rank knows already (a nested section)
+                raise
             err = exc
         self.agree(stage, err)
 
@@ -111,6 +120,7 @@ class Dist:
         if not failed:
             return
         if err is not None:
+            err._sketchpass_announced = True
             raise err
         r, m = failed[0]
         raise RankFailedError(f"rank {r} of {self.size} failed while {stage}: {m}")

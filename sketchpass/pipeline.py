@@ -50,7 +50,7 @@ import torch
 from .batches import Calib
 from .budget import Budget, InfeasibleBudgetError
 from .calib import CrossGramAccumulator, GramAccumulator
-from .distributed import Dist, RankFailedError, sum_cross, sum_gram, world
+from .distributed import Dist, announced, sum_cross, sum_gram, world
 from .latency import TimingCache
 from .latency.stage import next_offset, suspect_table, time_candidates, within_latency
 from .layers import factor_module, with_weight
@@ -292,10 +292,8 @@ def observe(fe: Frontend, sites: list[Site], data: Calib, o: Options, grams: boo
             try:
                 fe.observe_blocks(data.fit(), groups, visit, lambda b: count(b, adv), finish,
                                   o.max_activation_mb * 2**20)
-            except RankFailedError:
-                raise
             except Exception as exc:
-                if D is not None:  # tell the other ranks, at their next collective
+                if D is not None and not announced(exc):  # tell the other ranks, at their next collective
                     D.agree("calibrating", exc)
                 raise
         if notes is not None:

@@ -24,6 +24,7 @@ CASES = {
     "uneven": (8, 3, {"method": "svd", "holdout": 0, "rounds": 0}),
     "bad-shard": (8, 8, {"method": "svd", "blocks": "on"}),  # rank 1's third batch holds a NaN
     "oom": (8, 8, {"method": "svd"}),  # rank 1 runs out of memory in the refit
+    "candidates": (8, 8, {"method": "svd", "blocks": "on"}),  # rank 1 fails on the second block's candidates
 }
 
 
@@ -76,6 +77,18 @@ def main() -> int:
             return real(self, env, site)
 
         TorchFrontend.site_inputs = failing
+    if case == "candidates" and rank == 1:
+        import sketchpass.pipeline as pipeline
+
+        real_candidates, seen = pipeline.candidates, [0]
+
+        def failing_candidates(*a, **k):
+            seen[0] += 1
+            if seen[0] == 3:  # the layers outside the blocks, block 0, then block 1
+                raise MemoryError("simulated: out of memory in an eigendecomposition")
+            return real_candidates(*a, **k)
+
+        pipeline.candidates = failing_candidates
     try:
         small = sp.transform(model(), sp.Budget(params=0.7), calib=data, **options(case))
     except Exception as exc:  # noqa: BLE001 - written for the test to read

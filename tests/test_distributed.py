@@ -79,9 +79,10 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_shards(case, tmp_p
 @pytest.mark.parametrize("case, stage, error", [
     ("bad-shard", "calibrating", "ValueError: calibration batch 2: 'attention_mask' contains NaN"),
     ("oom", "refitting", "MemoryError: simulated: out of memory"),
+    ("candidates", "computing candidate forms", "MemoryError: simulated: out of memory in an eigendecomposition"),
 ])
 def test_a_failing_rank_makes_every_rank_exit_with_its_error(case, stage, error, tmp_path):
-    run = _torchrun(case, tmp_path)
+    run = _torchrun(case, tmp_path)  # a rank left waiting would fail at the 60 s timeout with another message
     assert run.returncode != 0
     err0 = (tmp_path / "rank0.err").read_text()
     err1 = (tmp_path / "rank1.err").read_text()
