@@ -43,8 +43,12 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
 
     Options (all of :class:`sketchpass.options.Options` but ``u_storage`` and ``check``): ``l``,
     ``granularity``, ``init``, ``dist``, ``sketch_sizes``, ``sensitivity_samples``, ``probes``,
-    ``example_inputs``, ``max_gram_mb``, ``max_batches``, ``batch_size``, ``holdout``, ``max_activation_mb``,
-    ``shrink``, ``refit``, ``rounds``, ``tolerance``, ``capture``, ``progress``."""
+    ``example_inputs``, ``max_gram_mb``, ``max_grams_mb``, ``max_batches``, ``batch_size``, ``holdout``,
+    ``max_activation_mb``, ``shrink``, ``refit``, ``rounds``, ``tolerance``, ``capture``, ``blocks``, ``target``,
+    ``threads``, ``timing_table``, ``timing_sizes``, ``latency_rounds``, ``progress``.
+
+    Under ``torchrun`` (an initialised process group of several processes, :mod:`sketchpass.distributed`) each
+    process passes its own shard as ``calib``; every process returns the same plan."""
     o = Options.from_kwargs(PLAN_KEYS, "plan", method=method, seed=seed, **options)
     b = _budget(budget)
     rules, ov = check_ignore(ignore), check_overrides(overrides)
@@ -63,7 +67,8 @@ def apply(model, plan: Plan, calib=None, **options):
     """Rewrite a copy of ``model`` as ``plan`` says; with ``calib``, every factored layer is refitted on the
     inputs produced by the already-compressed layers before it, and the result is measured on held-out
     batches.  Options: ``max_batches``, ``batch_size``, ``holdout``, ``max_activation_mb``, ``shrink``,
-    ``refit``, ``capture``, ``u_storage``, ``check``, ``progress``, ``max_gram_mb``.  The result carries its
+    ``refit``, ``capture``, ``blocks``, ``u_storage``, ``check``, ``progress``, ``max_gram_mb``, ``max_grams_mb``,
+    ``target``, ``threads``.  The result carries its
     plan (with measured errors) as ``small.sketchpass_plan`` (torch) or in its metadata (ONNX)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"apply expects a sketchpass.Plan, got {type(plan).__name__} (use Plan.from_json)")
