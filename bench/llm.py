@@ -238,7 +238,7 @@ def scale_one(spec: str, windows: int, threads: int) -> dict:
     return {"shape": shape, "blocks": blocks or "auto", "params": params, "transform_s": round(secs, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "calib_mode": p.calib.get("mode"), "peak_gram_mb": p.calib.get("peak_gram_mb"),
-            "achieved_params": p.achieved()["params"], "tokens": windows * 256,
+            "achieved_params": p.achieved()["params"], "tokens": windows * 256, "timings": p.timings,
             "fit_tokens": p.calib["samples"] * 256}
 
 
@@ -276,6 +276,10 @@ def scale(args) -> dict:
 # --------------------------------------------------------------------------- report
 def g(v, f=".4g"):
     return "" if v is None else format(v, f)
+
+
+def stages(t: dict) -> str:
+    return " / ".join(f"{t.get(k, 0):.0f}" for k in ("calibration", "sensitivity", "candidates", "fit", "verify"))
 
 
 def markdown(res: dict, meta: dict) -> list[str]:
@@ -321,14 +325,15 @@ def markdown(res: dict, meta: dict) -> list[str]:
                   "Linear params, `T` the fitting tokens — "
                   f"a = {s['a']:.3g} s per param-token, b = {s['b']:.3g} s per d³.", "",
                   "| shape | params | Linear params | calibration | peak Grams MB (whole model's) | transform s | "
-                  "model s | N·T share | peak RSS GB | model fp32 GB |",
-                  "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|"]
+                  "model s | N·T share | peak RSS GB | model fp32 GB | stages s: calibration / sensitivity / "
+                  "candidates / fit / verify |",
+                  "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|:---|"]
         for r in s["rows"]:
             name = r["shape"] + (" (blocks=on)" if r["blocks"] == "on" else "")
             lines.append(f"| {name} | {r['params'] / 1e6:.0f} M | {r['linear_params'] / 1e6:.0f} M | "
                          f"{r['calib_mode']} | {r['peak_gram_mb']:.0f} ({r['grams_mb']:.0f}) | {r['transform_s']} | "
                          f"{r['model_s']} | {r['forward_share']:.2f} | {r['peak_rss_mb'] / 1024:.1f} | "
-                         f"{r['model_mb'] / 1024:.1f} |")
+                         f"{r['model_mb'] / 1024:.1f} | {stages(r.get('timings') or {})} |")
         p = s["projection"]
         lines += ["", f"Projection for a Llama-2-7B shape ({p['linear_params'] / 1e9:.2f} B Linear params) at the same "
                   f"tokens on this machine: about {p['model_s'] / 3600:.1f} h (the cost model above, 2 CPU cores); "

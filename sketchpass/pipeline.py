@@ -150,6 +150,27 @@ class Frontend(Protocol):
 
 
 # =========================================================================== the stages
+class Clock:
+    """Wall seconds per stage, summed over the calls (``plan.timings``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def record(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
 @contextmanager
 def section(D: Dist | None, stage: str):
     """Local work of a data-parallel stage (:meth:`Dist.section`); nothing when running alone."""
@@ -691,7 +712,9 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
              build: bool = True) -> Planned:
     """Every stage: the plan, and (``build``) the emitted model of the round that was kept."""
     o.check_frontend(fe.name)
-    data, first = _open_data(fe, calib, o, timed=budget.timed)
+    clock = Clock()
+    with clock("capture"):
+        data, first = _open_data(fe, calib, o, timed=budget.timed)
     try:
         # ------------------------------------------------------------- find sites
         sites = fe.sites()
@@ -709,7 +732,7 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         def done(group: list[Site], whole: bool) -> None:  # a group's statistics are complete: its candidates
             mine = group if D is None else [s for i, s in enumerate(group) if D.owner(i) == D.rank]
             got: dict[str, Choices] = {}
-            with section(D, "computing candidate forms"):
+            with section(D, "computing candidate forms"), clock("candidates"):
                 got = dict(zip([s.name for s in mine], candidates(mine, units, o, True, overrides or {},
                                                                    o.progress if whole else False)))
             if D is not None:  # every layer's candidates from its owner
@@ -719,7 +742,10 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
                 chosen.update(got)
 
         if data is not None:
+            t0 = time.perf_counter()
+            before = clock.seconds.get("candidates", 0.0)
             obs = observe(fe, sites, data, o, done=done, notes=notes)
+            clock.add("calibration", time.perf_counter() - t0 - (clock.seconds.get("candidates", 0.0) - before))
         else:
             obs = None
             notes.append("no calibration data: data-free fits (weight error), every layer weighted equally")
@@ -736,17 +762,22 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
             model_macs = D.broadcast(model_macs)  # rank 0's first batch, as a single process would count
         # ------------------------------------------------------------- sensitivities
         if obs is not None:
-            measure_sensitivities(fe, sites, obs.kept, o, notes, data)
+            with clock("sensitivity"):
+                measure_sensitivities(fe, sites, obs.kept, o, notes, data)
             obs.kept.clear()
         # ------------------------------------------------------------- candidates (the rest: fixed, or data-free)
         rest = [s for s in sites if s.name not in chosen]
-        for s, c in zip(rest, candidates(rest, units, o, data is not None, overrides or {}, o.progress)):
-            chosen[s.name] = c
+        with clock("candidates"):
+            for s, c in zip(rest, candidates(rest, units, o, data is not None, overrides or {}, o.progress)):
+                chosen[s.name] = c
         choices = [chosen[s.name] for s in sites]
         for s in sites:
             s.gram = None  # the candidates hold what the solver needs: the Grams can go
         # ------------------------------------------------------------- latency: time the forms on the target
-        lat = setup_latency(fe, sites, choices, first, o) if budget.timed else None
+        lat = None
+        if budget.timed:
+            with clock("latency timing"):
+                lat = setup_latency(fe, sites, choices, first, o)
         # ------------------------------------------------------------- solve
         weights = [s.sensitivity for s in sites]
         try:
@@ -770,9 +801,10 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         nothing_held = data is not None and not (calib_rec or {}).get("holdout_batches")
         if not build and lat is None and (data is None or not o.holdout or o.init == "random" or nothing_held):
             finish_unverified(plan, data, o)  # nothing to measure: no need to fit now
+            plan.timings = clock.record()
             return Planned(plan)
         # ------------------------------------------------------------- fit, export, verify (⟲)
-        return close_loop(fe, sites, plan, choices, budget, data, o, model_params, model_macs, build, lat)
+        return close_loop(fe, sites, plan, choices, budget, data, o, model_params, model_macs, build, lat, clock)
     finally:
         if data is not None:
             data.close()
@@ -877,12 +909,13 @@ def measure_latency(fe: Frontend, emitted: Any, lat: dict) -> dict:
 
 def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choices], budget: Budget,
                data: Calib | None, o: Options, model_params: int, model_macs: int, build: bool,
-               lat: dict | None = None) -> Planned:
+               lat: dict | None = None, clock: Clock | None = None) -> Planned:
     """Fit, emit and measure the plan.  With a latency budget, while the emitted model misses it, the
     offset between the layer times and the whole model's takes up the measured difference and the solver
     runs again (``latency_rounds``); while measured and predicted output errors disagree by more than the
     tolerance, the error is attributed to layers, their weights corrected and the solver run again
     (``rounds``)."""
+    clock = clock or Clock()
     rounds: list[dict] = []
     results: list[tuple] = []  # (measured error, plan, emitted, closed, latency met) of every round
     can_verify = bool(data is not None and o.holdout and o.init != "random")
@@ -894,9 +927,11 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
     err_rounds = lat_rounds = 0
     corr: dict[str, float] = {}
     while True:
-        info = fit_and_rewrite(fe, sites, current, data, o)
-        emitted = fe.export(current)
-        ver = verify(fe, emitted, sites, current, data, o) if can_verify else {"measured": None}
+        with clock("fit"):
+            info = fit_and_rewrite(fe, sites, current, data, o)
+            emitted = fe.export(current)
+        with clock("verify"):
+            ver = verify(fe, emitted, sites, current, data, o) if can_verify else {"measured": None}
         if ver["measured"] is None:
             finish_unverified(current, data, o)
         predicted = current.totals["predicted_output_error"]
@@ -909,7 +944,8 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                "decisions": now, **info}
         lat_ok = True
         if lat is not None:
-            m = measure_latency(fe, emitted, lat)
+            with clock("latency timing"):
+                m = measure_latency(fe, emitted, lat)
             pred_ms = predicted_latency(current, lat)
             lat_ok = within_latency(m["normalised_ms"], m["normalised_spread"], limit, lat["total"]) and m["ratio"] < 1
             rec.update(latency_predicted_ms=pred_ms, latency_ms=m["normalised_ms"],
@@ -959,7 +995,8 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
         err_rounds += 1
         factored = [s for s in sites if current[s.name].decision.method != "dense"]
         with progress_bar("attributing", None, o.progress):
-            single = attribute(fe, factored, data, o)
+            with clock("attribute"):
+                single = attribute(fe, factored, data, o)
         corr = corrections(current, single, ver["measured"])
         rec["alone"] = {lp.spec.name: lp.measured_output_error for lp in current.layers
                         if lp.measured_output_error is not None}
@@ -996,6 +1033,7 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
                           "dense_spread": lat["dense"].spread, "input_shapes": lat["shapes"], **lat["info"],
                           "rounds": [{k: r[k] for k in r if k.startswith("latency") or k == "round"} for r in rounds],
                           "kept_round": kept_round}
+    chosen.timings = clock.record()
     if not can_verify:
         fe.stamp(emitted, chosen)
         return Planned(chosen, emitted if build else None)

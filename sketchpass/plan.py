@@ -216,6 +216,7 @@ class Plan:
     options: dict = field(default_factory=dict)
     verify: dict | None = None
     latency: dict | None = None  # target, threads, input shapes, dense and compressed ms with spread, rounds
+    timings: dict | None = None  # wall seconds of each stage of the pass that made it (all rounds summed)
     version: int = PLAN_VERSION
 
     # ---------------------------------------------------------------- lookup
@@ -303,7 +304,7 @@ class Plan:
             raise ValueError(f"plan JSON is malformed: a layer entry is invalid ({type(exc).__name__}: {exc})") \
                 from None
         kw = {k: d[k] for k in ("budget", "method", "seed", "generator", "frontend", "capture", "calib", "totals",
-                                "notes", "options", "verify", "latency") if k in d}
+                                "notes", "options", "verify", "latency", "timings") if k in d}
         p = cls(layers=layers, **kw)
         p.version = PLAN_VERSION
         return p

@@ -281,3 +281,14 @@ def test_plan_and_apply_never_install_packages():
         text = path.read_text()
         assert "pip install" not in text.replace("pip install 'sketchpass[", "") or path.name == "cli.py", path
         assert "subprocess" not in text, f"{path} starts processes"
+
+
+def test_the_plan_records_the_wall_time_of_every_stage():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    p = sp.plan(model, sp.Budget(params=0.5), calib=[torch.randn(8, 16) for _ in range(4)], progress=False)
+    assert set(p.timings) == {"capture", "calibration", "candidates", "sensitivity", "fit", "verify"}
+    assert all(v >= 0 for v in p.timings.values())
+    assert sp.Plan.from_json(p.to_json()).timings == p.timings
+    free = sp.plan(model, sp.Budget(params=0.5), progress=False)  # data-free: nothing measured, nothing fitted
+    assert set(free.timings) == {"capture", "candidates"}
