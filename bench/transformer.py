@@ -110,6 +110,7 @@ def run(model, label, budget, calib, eval_batches, ref, **kw) -> dict:
            "verify_closed": v.get("closed"), "verify_warning": v.get("warning"),
            "verify_record": verify_record(p, "all-MiniLM-L6-v2", f"params={budget:g} ({label})", "torch"),
            "ranks": {lp.spec.name: lp.decision.rank for lp in p.layers if lp.decision.method == "svd"},
+           "timings": p.timings,
            **metrics(embed(small, eval_batches), ref)}
     print(f"  {label:8s} params={budget:g}: achieved {row['achieved_params']:.4f}, cosine {row['mean_cosine']:.4f}, "
           f"neighbours {row['neighbour_agreement']:.1f}%, {secs:.0f} s", file=sys.stderr, flush=True)
