@@ -64,7 +64,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_shards(case, tmp_p
             assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-6)
         torch.testing.assert_close(g["logits"], logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[0]["logits"], got[1]["logits"], rtol=0, atol=0)  # the very same model
-    assert plans[0].to_json() == plans[1].to_json()
+    same = [{k: v for k, v in p.to_dict().items() if k != "timings"} for p in plans]  # timings: each rank's own
+    assert same[0] == same[1]
     if case == "even":  # verified on the union of the held-out batches, as one process would
         assert plan.calib["holdout_batches"] == 2
         v, v1 = plans[0].verify, plan.verify
