@@ -377,9 +377,19 @@ class TorchFrontend:
         if self._segments is not None:
             return self._segments.start(batch)
         if self._chain is not None:
-            calls, hiddens, _ = record_calls(self.cap.model, self._chain, batch)
-            return self._goto({"batch": batch, "calls": calls, "h0": hiddens[0], "at": None, "o": None, "n": None},
-                              0)
+            # one forward of the original model: every block's call, and the original inputs of the layers
+            # outside the blocks (the refit then runs only the compressed model to reach those)
+            outside: dict[str, Any] = {}
+            hooks = [self.cap.model.get_submodule(s.ref).register_forward_pre_hook(
+                lambda m, a, p=s.ref: outside.setdefault(p, a[0] if a else None))
+                for s in self._sites if s.skip is None and block_index(s.ref, self._chain) is None]
+            try:
+                calls, hiddens, _ = record_calls(self.cap.model, self._chain, batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+            return self._goto({"batch": batch, "calls": calls, "h0": hiddens[0], "at": None, "o": None, "n": None,
+                               "outside": outside}, 0)
         return batch
 
     def advance(self, step: int, env):
@@ -400,6 +410,7 @@ class TorchFrontend:
         b = self._step_block[step] if step < len(self._step_block) else None
         if b is None:  # a layer outside the blocks (before them, or after them all): the whole models run
             env["at"] = env["o"] = env["n"] = None
+            env.pop("orig", None)
             return env
         if env["at"] is None:  # entering the blocks
             env["o"] = env["h0"]
@@ -408,13 +419,35 @@ class TorchFrontend:
         while env["at"] < b:
             i = env["at"]
             call = env["calls"][i]
-            ho = hidden_of(call.run(self.cap.model.get_submodule(self._chain[i]), env["o"]))
+            ho = self._original_block(env, i)[2]
+            env.pop("orig", None)
             if env["n"] is env["o"] and not self._replaced_in(i):
                 hn = ho  # nothing differs yet: one run serves both streams
             else:
                 hn = hidden_of(call.run(self._comp.get_submodule(self._chain[i]), env["n"]))
             env["o"], env["n"], env["at"] = ho, hn, i + 1
         return env
+
+    def _original_block(self, env: dict, i: int) -> tuple[int, dict, torch.Tensor | None]:
+        """Block ``i`` of the original stream, run once per batch: ``(i, {layer path: its first input}, the
+        block's output)`` — the original stream never changes, so every refit step in the block reads it from
+        this one run (kept in the batch's state until the chain moves past the block)."""
+        cache = env.get("orig")
+        if cache is not None and cache[0] == i:
+            return cache
+        prefix = self._chain[i] + "."
+        seen: dict[str, Any] = {}
+        hooks = [self.cap.model.get_submodule(s.ref).register_forward_pre_hook(
+            lambda m, a, p=s.ref: seen.setdefault(p, a[0] if a else None))
+            for s in self._sites if s.skip is None and s.ref.startswith(prefix)]
+        try:
+            with torch.no_grad():
+                out = hidden_of(env["calls"][i].run(self.cap.model.get_submodule(self._chain[i]), env["o"]))
+        finally:
+            for h in hooks:
+                h.remove()
+        env["orig"] = (i, seen, out)
+        return env["orig"]
 
     def _first_block_input(self, batch):
         args, kwargs = stop_at(self._comp.get_submodule(self._chain[0]), lambda: call_model(self._comp, batch))
@@ -429,7 +462,7 @@ class TorchFrontend:
         elif self._chain is not None and env["at"] is not None:
             i = env["at"]
             call = env["calls"][i]
-            x = input_in_block(self.cap.model.get_submodule(self._chain[i]), call, env["o"], mod)
+            x = self._original_block(env, i)[1].get(site.ref)
             if env["n"] is env["o"] and not self._replaced_in(i):
                 xh = x
             else:
@@ -439,7 +472,7 @@ class TorchFrontend:
                 return None
         else:
             batch = env["batch"] if self._chain is not None else env
-            x = _input_of(self.cap.model, mod, batch)
+            x = env["outside"].get(site.ref) if self._chain is not None else _input_of(self.cap.model, mod, batch)
             xh = x if not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref), batch)
             if x is None or xh is None:
                 return None
