@@ -157,6 +157,17 @@ class Dist:
     def owner(self, i: int) -> int:
         return i % self.size
 
+    def spread(self, stage: str, items: list, work) -> dict:
+        """``work(items this rank owns) -> dict``, on every rank, merged from all ranks (item ``i`` is rank
+        ``i mod N``'s)."""
+        mine: dict = {}
+        with self.section(stage):
+            mine = work([x for i, x in enumerate(items) if self.owner(i) == self.rank])
+        out: dict = {}
+        for part in self.gather(mine):
+            out.update(part)
+        return out
+
     def same(self, what: str, value: Any) -> None:
         """Check that every rank has the same ``value`` (the structure the collectives follow)."""
         got = self.gather(value)

@@ -607,13 +607,7 @@ def attribute(fe: Frontend, factored: list[Site], data: Calib, o: Options) -> di
     if D is None:
         return fe.single_layer_errors(factored, kept)
     kept = D.broadcast(kept)
-    mine: dict = {}
-    with section(D, "attributing the output error"):
-        mine = fe.single_layer_errors([s for i, s in enumerate(factored) if D.owner(i) == D.rank], kept)
-    out: dict = {}
-    for part in D.gather(mine):
-        out.update(part)
-    return out
+    return D.spread("attributing the output error", factored, lambda mine: fe.single_layer_errors(mine, kept))
 
 
 def ratio_of(measured: float | None, predicted: float) -> float | None:
@@ -730,16 +724,12 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         D = world()
 
         def done(group: list[Site], whole: bool) -> None:  # a group's statistics are complete: its candidates
-            mine = group if D is None else [s for i, s in enumerate(group) if D.owner(i) == D.rank]
-            got: dict[str, Choices] = {}
-            with section(D, "computing candidate forms"), clock("candidates"):
-                got = dict(zip([s.name for s in mine], candidates(mine, units, o, True, overrides or {},
+            def work(mine: list[Site]) -> dict[str, Choices]:
+                return dict(zip([s.name for s in mine], candidates(mine, units, o, True, overrides or {},
                                                                    o.progress if whole else False)))
-            if D is not None:  # every layer's candidates from its owner
-                for part in D.gather(got):
-                    chosen.update(part)
-            else:
-                chosen.update(got)
+
+            with clock("candidates"):  # data-parallel: every layer's candidates from its owner
+                chosen.update(work(group) if D is None else D.spread("computing candidate forms", group, work))
 
         if data is not None:
             t0 = time.perf_counter()

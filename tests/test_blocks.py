@@ -149,17 +149,23 @@ def test_blocks_option_is_checked():
         sp.plan(onnx.load_from_string(f.getvalue()), sp.Budget(params=0.5), blocks="off")
 
 
+def _two_ways(make, batches, a: dict, b: dict):
+    """A small decoder (``make()`` after seeding) transformed at params 0.85 with options ``a`` and with options
+    ``b``, on the same random token batches: ``(calib, first result, second result)``."""
+    torch.manual_seed(0)
+    model = make().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, 128, (2, 16), generator=g)} for _ in range(batches)]
+    kw = {"calib": calib, "method": "svd", "rounds": 0, "progress": False}
+    return calib, sp.transform(model, sp.Budget(params=0.85), **a, **kw), sp.transform(model, sp.Budget(params=0.85),
+                                                                                        **b, **kw)
+
+
 def test_hf_decoder_chained_refit_matches(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, vocab_size=128, pad_token_id=0,
                                   bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": torch.randint(3, 128, (2, 16), generator=g)} for _ in range(4)]
-    kw = {"calib": calib, "method": "svd", "rounds": 0, "progress": False}
-    a = sp.transform(model, sp.Budget(params=0.85), blocks="auto", **kw)
-    b = sp.transform(model, sp.Budget(params=0.85), blocks="off", **kw)
+    calib, a, b = _two_ways(lambda: transformers.GPT2LMHeadModel(cfg), 4, {"blocks": "auto"}, {"blocks": "off"})
     assert any("chained block by block over the 3 blocks of 'transformer.h'" in n for n in a.sketchpass_plan.notes)
     ids = calib[0]["input_ids"]
     with torch.no_grad():
@@ -238,13 +244,7 @@ def test_block_mode_on_a_decoder_matches_whole_model():
     cfg = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=64, vocab_size=128, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": torch.randint(3, 128, (2, 16), generator=g)} for _ in range(5)]
-    kw = {"calib": calib, "method": "svd", "rounds": 0, "progress": False}
-    a = sp.transform(model, sp.Budget(params=0.85), blocks="on", **kw)
-    b = sp.transform(model, sp.Budget(params=0.85), **kw)
+    calib, a, b = _two_ways(lambda: transformers.LlamaForCausalLM(cfg), 5, {"blocks": "on"}, {})
     assert a.sketchpass_plan.calib["mode"] == "blocks"
     assert _plan_sizes(a.sketchpass_plan) == _plan_sizes(b.sketchpass_plan)
     assert a.sketchpass_plan.calib["peak_gram_mb"] < b.sketchpass_plan.calib["peak_gram_mb"] / 2

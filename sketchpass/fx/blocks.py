@@ -19,6 +19,7 @@ fails the refit runs the model up to every layer, as before, and the plan says w
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,20 @@ def first_input(module: nn.Module, run):
     """The first positional input of ``module``'s first call while ``run()`` runs (see :func:`stop_at`)."""
     call = stop_at(module, run)
     return call[0][0] if call is not None and call[0] else None
+
+
+@contextmanager
+def first_inputs(model: nn.Module, paths: list[str]):
+    """``{path: first positional input}`` of the modules at ``paths``, filled while the ``with`` block runs the
+    model (a module called with keyword arguments only gets ``None``)."""
+    seen: dict = {}
+    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, a[0] if a else None))
+             for p in paths]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _is_cache(v) -> bool:

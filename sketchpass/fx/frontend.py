@@ -44,6 +44,7 @@ from .blocks import (
     check_chain,
     find_blocks,
     first_input,
+    first_inputs,
     hidden_of,
     input_in_block,
     record_calls,
@@ -379,15 +380,9 @@ class TorchFrontend:
         if self._chain is not None:
             # one forward of the original model: every block's call, and the original inputs of the layers
             # outside the blocks (the refit then runs only the compressed model to reach those)
-            outside: dict[str, Any] = {}
-            hooks = [self.cap.model.get_submodule(s.ref).register_forward_pre_hook(
-                lambda m, a, p=s.ref: outside.setdefault(p, a[0] if a else None))
-                for s in self._sites if s.skip is None and block_index(s.ref, self._chain) is None]
-            try:
+            paths = [s.ref for s in self._sites if s.skip is None and block_index(s.ref, self._chain) is None]
+            with first_inputs(self.cap.model, paths) as outside:
                 calls, hiddens, _ = record_calls(self.cap.model, self._chain, batch)
-            finally:
-                for h in hooks:
-                    h.remove()
             return self._goto({"batch": batch, "calls": calls, "h0": hiddens[0], "at": None, "o": None, "n": None,
                                "outside": outside}, 0)
         return batch
@@ -436,16 +431,9 @@ class TorchFrontend:
         if cache is not None and cache[0] == i:
             return cache
         prefix = self._chain[i] + "."
-        seen: dict[str, Any] = {}
-        hooks = [self.cap.model.get_submodule(s.ref).register_forward_pre_hook(
-            lambda m, a, p=s.ref: seen.setdefault(p, a[0] if a else None))
-            for s in self._sites if s.skip is None and s.ref.startswith(prefix)]
-        try:
-            with torch.no_grad():
-                out = hidden_of(env["calls"][i].run(self.cap.model.get_submodule(self._chain[i]), env["o"]))
-        finally:
-            for h in hooks:
-                h.remove()
+        paths = [s.ref for s in self._sites if s.skip is None and s.ref.startswith(prefix)]
+        with first_inputs(self.cap.model, paths) as seen, torch.no_grad():
+            out = hidden_of(env["calls"][i].run(self.cap.model.get_submodule(self._chain[i]), env["o"]))
         env["orig"] = (i, seen, out)
         return env["orig"]
 
