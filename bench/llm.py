@@ -22,6 +22,10 @@ tied to ``lm_head`` and kept dense; the whole-model fraction is then ``1 − (1 
 * **solver, blocks='on'** (the first budget) — the same, calibrated block by block (one decoder layer's Grams
   at a time; the pass would choose it by itself when all the Grams exceed ``max_grams_mb``): the same plan at a
   lower peak memory;
+* **solver, metric='mse'** (whole-model budgets) — the same, with the layers weighed by the logits' relative
+  squared error instead of the KL divergence of the next-token distributions (``metric="kl"``, the default for a
+  language model, :mod:`sketchpass.metric`): what the allocation gains from counting the error as the softmax
+  sees it;
 * **solver + finetune** (whole-model budgets) — the solver's model after ``sp.finetune(small, teacher=model,
   …)``: ``--ft-steps`` (20) steps of logit distillation (KL, Adam, lr ``--ft-lr`` 1e-4, cosine) on batches of 4
   × 256 tokens of *Emma* that follow the calibration windows, training the factors and biases.
@@ -125,6 +129,8 @@ def quality_row(args, spec: dict) -> dict:
         kw["overrides"] = uniform_ranks(model, spec["f"])
     if spec.get("blocks"):
         kw["blocks"] = spec["blocks"]
+    if spec.get("metric"):
+        kw["metric"] = spec["metric"]
     with PeakRSS() as peak:
         t0 = time.perf_counter()
         small = sp.transform(model, sp.Budget(params=spec["fraction"]), calib=calib if spec["data"] else None,
@@ -139,7 +145,7 @@ def quality_row(args, spec: dict) -> dict:
            "transform_s": round(secs, 1), "peak_rss_mb": round(peak.peak_mb), "start_rss_mb": round(peak.start_mb),
            "predicted_output_error": p.totals["predicted_output_error"], "measured_output_error": v.get("measured"),
            "refit": notes[0] if notes else None, "calib_mode": (p.calib or {}).get("mode"),
-           "peak_gram_mb": (p.calib or {}).get("peak_gram_mb"),
+           "peak_gram_mb": (p.calib or {}).get("peak_gram_mb"), "metric": p.options.get("metric"),
            "ranks": {lp.spec.name: lp.decision.rank for lp in p.layers if lp.decision.method == "svd"}}
     if spec.get("finetune"):
         t1 = time.perf_counter()
@@ -182,6 +188,8 @@ def quality(args) -> dict:
             rows.append(solver)
             if kind == "whole" and b == budgets[0]:  # the same plan, calibrated one block at a time
                 rows.append(_child(args, {**base, "label": "solver, blocks='on'", "fraction": frac, "blocks": "on"}))
+            if kind == "whole":  # the solver weighing the logits' squared error instead of the KL divergence
+                rows.append(_child(args, {**base, "label": "solver, metric='mse'", "fraction": frac, "metric": "mse"}))
             target = solver["achieved_params"] * total
             lo, hi = 0.0, 1.0
             for _ in range(30):
@@ -309,8 +317,11 @@ def markdown(res: dict) -> list[str]:
             "refitted); `plain SVD`: the same ranks from a truncated SVD of the weights, no data; `+ finetune`: the "
             f"solver's model after {meta['ft_steps']} steps of `sp.finetune` distillation (4 × 256 tokens of *Emma* "
             f"per step, lr {meta['ft_lr']:g}); `pred.` / `meas.`: the plan's predicted output error and the one it "
-            "measured on held-out calibration batches; `peak RSS`: the process during the transform (a fresh process "
-            "per row; the loaded dense model and libraries resident throughout)", "",
+            "measured on held-out calibration batches, in the plan's metric (`kl`: the mean KL divergence of the "
+            "next-token distributions, nats per token — the default for a language model; `solver, metric='mse'`: "
+            "the solver weighing and measuring the logits' relative squared error instead); `peak RSS`: the process "
+            "during the transform (a fresh process per row; the loaded dense model and libraries resident "
+            "throughout)", "",
             "| budget | of | method | params | Linear params | perplexity | + finetune | pred. | meas. | transform s "
             "| peak RSS GB |",
             "|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -60,7 +60,8 @@ def _apply_options(plan: Plan, options: dict, allowed, call: str) -> Options:
     for key in ("shrink", "holdout", "refit"):  # replay the plan's own choices unless told otherwise
         if key not in given and key in plan.options:
             given[key] = plan.options[key]
-    return Options.from_kwargs(allowed, call, **given)
+    # the output error is counted as the plan counted it (plans made before metric= counted "mse")
+    return Options.from_kwargs(allowed, call, **given).replace(metric=plan.options.get("metric", "mse"))
 
 
 def apply(model, plan: Plan, calib=None, **options):

@@ -184,7 +184,8 @@ def _compress(args: argparse.Namespace) -> int:
         small = sp.transform(model, budget, calib=args.calib, method=args.method, seed=args.seed,
                              ignore=args.ignore or (), batch_size=args.batch_size, max_batches=args.max_batches,
                              u_storage=args.u_storage, rounds=args.rounds, tolerance=args.tolerance,
-                             target=args.target, threads=args.threads, timing_table=args.timing_table,
+                             metric=args.metric, target=args.target, threads=args.threads,
+                             timing_table=args.timing_table,
                              progress=_progress(args))
     t1 = time.perf_counter()
     final = spx.plan_of(small)
@@ -434,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "error and the predicted one disagree by more than --tolerance (default 2; 0 = measure only)")
     c.add_argument("--tolerance", type=float, default=3.0, help="factor between measured and predicted output "
                    "error that the verify loop accepts (default 3)")
+    c.add_argument("--metric", default="mse", choices=("mse", "kl"), help="how the output error is counted: "
+                   "relative squared error of the outputs (mse, default) or the mean KL divergence of the first "
+                   "output's softmax over its last axis (kl: for a classifier's or language model's logits)")
     c.add_argument("--report", help="write a JSON report (plan, achieved budget, sizes, times)")
     c.add_argument("--plot", help="write a plot of the plan (params and errors per layer), e.g. r.png")
     c.add_argument("--force", action="store_true", help="overwrite existing output, report and plot files")

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .metric import METRICS
 from .sketch.random import DISTRIBUTIONS
 
 METHODS = ("auto", "sketch", "svd")
@@ -31,8 +32,11 @@ class Options:
     Planning: ``method``, ``seed``, ``l`` (sketches per layer), ``granularity`` (size grid), ``init``
     (``"auto"``: calibrated sketches with data, lstsq without; ``"random"``: fresh factors for training),
     ``dist``, ``sketch_sizes`` (sketch sizes evaluated per layer; default 4 for ``auto``, 8 for ``sketch``),
-    ``sensitivity_samples``, ``probes``, ``example_inputs`` (shapes for MACs without data), ``max_gram_mb``
-    (a layer whose input Gram would be larger is fitted data-free).
+    ``metric`` (how the output error is counted, :mod:`sketchpass.metric`: ``"mse"`` the relative squared error of
+    the outputs, ``"kl"`` the mean KL divergence of the first output's softmax; ``"auto"``: ``"kl"`` for
+    ``transformers`` language models, ``"mse"`` otherwise), ``sensitivity_samples``, ``probes``,
+    ``example_inputs`` (shapes for MACs without data), ``max_gram_mb`` (a layer whose input Gram would be larger
+    is fitted data-free).
 
     Data: ``max_batches`` (use at most this many calibration batches), ``batch_size`` (ONNX ``.npz``
     calibration files: samples per batch), ``holdout`` (one calibration batch in ``holdout`` is kept out of
@@ -62,6 +66,7 @@ class Options:
     init: str = "auto"
     dist: str = "rademacher"
     sketch_sizes: int | None = None
+    metric: str = "auto"
     sensitivity_samples: int = 16
     probes: int = 1
     example_inputs: Any = None
@@ -116,6 +121,8 @@ class Options:
         positive_int("latency_rounds", allow_zero=True)
         if self.target is not None and not isinstance(self.target, str):
             raise TypeError(f"target must be a name such as 'ort-cpu' or 'torch-cpu', got {self.target!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
         if self.dist not in DISTRIBUTIONS:

@@ -54,6 +54,7 @@ from .distributed import Dist, announced, sum_cross, sum_gram, world
 from .latency import TimingCache
 from .latency.stage import next_offset, suspect_table, time_candidates, within_latency
 from .layers import factor_module, with_weight
+from .metric import Metric
 from .options import Options
 from .plan import Decision, Plan, SkipReason
 from .planner import Choices, apply_ignore, candidates, choose, make_plan
@@ -75,6 +76,7 @@ class Frontend(Protocol):
     name: str
     capture: str
     notes: list[str]
+    metric: Metric  # how the output error is counted (:mod:`sketchpass.metric`; ``auto`` resolved)
 
     # ----------------------------------------------------------------- data and capture
     def calib(self, calib: Any, o: Options) -> Calib:
@@ -145,8 +147,8 @@ class Frontend(Protocol):
         """``(outputs of the original, outputs of emitted, {site: (y, ŷ)})`` on ``batch`` (float tensors)."""
 
     def single_layer_errors(self, sites: list[Site], batches: list) -> dict[str, tuple[float, float]]:
-        """``{site: (Σ‖f_i − f‖², Σ‖f‖²)}`` where ``f_i`` is the original model with only that site's fitted
-        module swapped in."""
+        """``{site: (num, den)}`` of the output error (``metric``) of ``f_i``, the original model with only that
+        site's fitted module swapped in."""
 
 
 # =========================================================================== the stages
@@ -548,8 +550,8 @@ def _sq(t: torch.Tensor) -> float:
 
 
 def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Calib, o: Options) -> dict:
-    """Both models on the held-out batches: the measured relative output error of the model, and of
-    every factored layer (recorded in the decisions)."""
+    """Both models on the held-out batches: the measured output error of the model (``fe.metric``), and the
+    relative error of every factored layer's output (recorded in the decisions)."""
     factored = [s for s in sites if plan[s.name].decision.method != "dense"]
     num = den = 0.0
     lnum = {s.name: 0.0 for s in factored}
@@ -565,8 +567,8 @@ def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Cali
                 if a.shape != b.shape:
                     raise RuntimeError(f"the emitted model's output has shape {tuple(b.shape)}, the original's "
                                        f"{tuple(a.shape)}")
-                num += _sq(b.double() - a.double())
-                den += _sq(a)
+            n_, d_ = fe.metric.errors(ref, out)
+            num, den = num + n_, den + d_
             for s in factored:
                 if s.name in layers:
                     y, yh = layers[s.name]
@@ -713,6 +715,11 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
         # ------------------------------------------------------------- find sites
         sites = fe.sites()
         notes = list(fe.notes)
+        if o.metric == "auto" and fe.metric.name == "kl":
+            notes.append("output error counted as the mean KL divergence of the next-token distributions "
+                         "(metric='kl', the default for a language model; metric='mse' counts the logits' "
+                         "relative squared error)")
+        o = o.replace(metric=fe.metric.name)
         apply_ignore(sites, ignore)
         nothing = fe.nothing_to_compress(sites)
         if nothing:
@@ -1058,6 +1065,7 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
         sites = {s.name: s for s in fe.sites()}
         out = copy.deepcopy(plan)
         out.verify = None
+        out.options["metric"] = fe.metric.name  # the plan's own (``mse`` for plans made before metric=)
         for lp in out.layers:
             lp.decision.measured_error = None
         for lp in out.layers:

@@ -268,7 +268,7 @@ def make_plan(choices: list[Choices], decisions: list[Decision], sites: list[Sit
     options = {"l": o.l, "granularity": o.granularity, "init": o.init, "dist": o.dist, "shrink": o.shrink,
                "fit_init": fit_init_of(o.init, has_calib), "holdout": o.holdout, "refit": o.refit,
                "sensitivity_samples": o.sensitivity_samples, "probes": o.probes, "rounds": o.rounds,
-               "tolerance": o.tolerance}
+               "tolerance": o.tolerance, "metric": o.metric}
     p = Plan(layers=layers, budget=budget.to_dict(), method=o.method, seed=o.seed, frontend=frontend, capture=capture,
              calib=calib, notes=notes, options=options)
     p.recompute_totals(model_params, model_macs)

@@ -7,6 +7,8 @@ import io
 from rich.console import Console
 from rich.table import Table
 
+from .metric import metric as metric_of
+
 
 def _fmt(n: float) -> str:
     n = float(n)
@@ -76,10 +78,11 @@ def verify_lines(plan) -> list[str]:
     v = plan.verify
     t = plan.totals or {}
     pred = t.get("predicted_output_error", 0.0)
+    unit = metric_of((plan.options or {}).get("metric", "mse")).unit
     if not v or v.get("measured") is None:
         why = (v or {}).get("reason", "no calibration data" if not plan.calib else "not verified")
-        return [f"output error (relative, squared): predicted {pred:.4g}; not measured ({why})"]
-    lines = [f"output error (relative, squared): predicted {v['predicted']:.4g}, measured {v['measured']:.4g} on "
+        return [f"output error ({unit}): predicted {pred:.4g}; not measured ({why})"]
+    lines = [f"output error ({unit}): predicted {v['predicted']:.4g}, measured {v['measured']:.4g} on "
              f"{v['samples']} held-out samples ({v['batches']} batch{'es' if v['batches'] != 1 else ''}); "
              f"measured / predicted = {v['ratio']:.3g}"]
     rounds = v.get("rounds") or []

@@ -31,6 +31,8 @@ from ..batches import (
     slice_batch,
     to_channels_last,
 )
+from ..metric import is_language_model
+from ..metric import metric as metric_of
 from ..options import Options
 from ..pipeline import SensitivityUnavailable
 from ..plan import Plan
@@ -52,6 +54,7 @@ from .blocks import (
     stop_at,
 )
 from .match import find_sites
+from .offload import gathered, hooked, real_tensors
 from .rewrite import Segments, set_module
 from .trace import capture
 
@@ -96,7 +99,13 @@ class TorchFrontend:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                             f"{type(model).__name__}")
+        self._offload_note = None
+        if hooked(model):  # accelerate-dispatched or offloaded: the pass works on a gathered CPU copy
+            model, self._offload_note = gathered(model)
+        real_tensors(model)
         self.model, self.o = model, o
+        self.metric = metric_of("kl" if o.metric == "auto" and is_language_model(model) else
+                                "mse" if o.metric == "auto" else o.metric)
         self.mode = capture_mode or o.capture
         self.cap = None
         self.capture = ""
@@ -132,9 +141,8 @@ class TorchFrontend:
         self.cap = capture(self.model, self.mode, example=first)
         self.cap.model.eval()
         self.capture = self.cap.capture
-        self.notes = list(self.cap.notes)
         self._sites = find_sites(self.cap)
-        self.notes = list(self.cap.notes)
+        self.notes = list(self.cap.notes) + ([self._offload_note] if self._offload_note else [])
         if self.cap.graph is not None:
             folded = self._batchnorms()
             if folded:
@@ -335,7 +343,7 @@ class TorchFrontend:
         batches = cut
         try:
             return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed,
-                                  module_of=lambda st: self._out(self.cap.model, st))
+                                  module_of=lambda st: self._out(self.cap.model, st), metric=self.metric)
         except RuntimeError as exc:  # e.g. in-place ops on tensors autograd needs: no backward through the model
             first = " ".join(str(exc).split())[:160]
             raise SensitivityUnavailable(f"sensitivities could not be measured (backward through the model "
@@ -512,7 +520,7 @@ class TorchFrontend:
             emitted.train(was)
 
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
-        return fo.single_layer_errors(self.cap.model, sites, self._fitted, self._module_in, batches)
+        return fo.single_layer_errors(self.cap.model, sites, self._fitted, self._module_in, batches, self.metric)
 
     # ----------------------------------------------------------------- latency
     def timing_signature(self) -> str:

@@ -8,7 +8,9 @@ output error.  ``‖J_i‖²_F = E_v ‖J_iᵀ v‖²`` for any ``v`` with ``E[v
 Rademacher ``±1`` probes, whose estimate of ``tr(J Jᵀ)`` has variance ``2(‖JJᵀ‖²_F − Σ_k (JJᵀ)_kk²)``
 against ``2‖JJᵀ‖²_F`` for Gaussian ones (Hutchinson, 1989), so by default one backward pass over the
 kept samples (``probes=1``) gives the gains of all layers at once.  The solver minimises
-``Σ_i g_i e_i``.
+``Σ_i g_i e_i``.  Under ``metric="kl"`` (:mod:`sketchpass.metric`) the probes are ``v = e_y − p`` with ``y``
+drawn from the output softmax ``p``, so ``E[v vᵀ] = F`` (its Fisher matrix) and
+``g_i = ‖y_i‖² E‖J_iᵀ v‖² / (D_i · 2 · positions)`` turns a relative layer error into a mean KL divergence.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..batches import call_model, output_tensors, slice_batch
 from ..batches import output_tensors as _tensors
 from ..calib import same_padding
+from ..metric import Metric
 from ..site import LayerInput, Site
 
 
@@ -122,8 +125,11 @@ def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
 
 
 def single_layer_errors(original: nn.Module, sites: list[Site], modules: dict[str, nn.Module],
-                        module_of: Callable[[nn.Module, Site], nn.Module], batches: list) -> dict:
-    """``{site: (Σ‖f_i − f‖², Σ‖f‖²)}``: the original model with only that site's module swapped in."""
+                        module_of: Callable[[nn.Module, Site], nn.Module], batches: list,
+                        metric: Metric | None = None) -> dict:
+    """``{site: (num, den)}`` of the output error (``metric``; default ``(Σ‖f_i − f‖², Σ‖f‖²)``): the original
+    model with only that site's module swapped in."""
+    metric = metric or Metric()
     base = [_outputs(original, b, {}) for b in batches]
     out = {}
     for s in sites:
@@ -132,10 +138,8 @@ def single_layer_errors(original: nn.Module, sites: list[Site], modules: dict[st
         num = den = 0.0
         try:
             for b, ref in zip(batches, base):
-                got = _outputs(original, b, {})
-                for a, c in zip(ref, got):
-                    num += float((c.double() - a.double()).square().sum())
-                    den += float(a.double().square().sum())
+                n, d = metric.errors(ref, _outputs(original, b, {}))
+                num, den = num + n, den + d
         finally:
             h.remove()
         out[s.name] = (num, den)
@@ -148,8 +152,10 @@ def _sq(t: torch.Tensor) -> float:
 
 
 def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 1, seed: int = 0,
-                module_of: Callable[[Site], nn.Module] | None = None) -> dict[str, float]:
-    """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes."""
+                module_of: Callable[[Site], nn.Module] | None = None, metric: Metric | None = None) -> dict[str, float]:
+    """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes whose
+    covariance is ``metric``'s quadratic form (:mod:`sketchpass.metric`; default the relative squared error)."""
+    metric = metric or Metric()
     active = [s for s in sites if s.skip is None]
     if not active or not batches:
         return {s.name: 1.0 for s in active}
@@ -183,15 +189,15 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
         for batch in batches:
             zs.clear()
             with torch.enable_grad():
-                outs = _tensors(call_model(model, batch))
+                outs = metric.outputs(_tensors(call_model(model, batch)))
                 if not outs:
                     raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
-                fsq += sum(_sq(o) for o in outs)
+                fsq += sum(metric.scale(o) for o in outs)
                 names = list(zs)
                 leaves = [z for name in names for z in zs[name]]
                 outs = [o for o in outs if o.requires_grad]  # outputs no matched layer feeds have no gain
                 for p in range(probes if outs and leaves else 0):
-                    v = [(torch.randint(0, 2, o.shape, generator=gen) * 2 - 1).to(o.dtype).to(o.device) for o in outs]
+                    v = [metric.probe(o, gen) for o in outs]
                     grads = torch.autograd.grad(outs, leaves, grad_outputs=v, allow_unused=True,
                                                 retain_graph=p < probes - 1)
                     it = iter(grads)

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ..batches import Calib
+from ..metric import metric as metric_of
 from ..options import Options
 from ..pipeline import SensitivityUnavailable
 from ..plan import Plan
@@ -81,6 +82,7 @@ class OnnxFrontend:
     def __init__(self, model, o: Options):
         self.m = load(model, copy=False)  # never modified: the rewrite splices nodes into new protos
         self.o = o
+        self.metric = metric_of("mse" if o.metric == "auto" else o.metric)
         self.inputs = graph_inputs(self.m)
         self.graph = gs.import_onnx(self.m)
         self._sites = find_sites(self.graph, self.m)
@@ -181,7 +183,7 @@ class OnnxFrontend:
 
     def sensitivities(self, sites, batches, probes, seed) -> dict[str, float]:
         try:
-            return ob.sensitivity(self.m, sites, batches, probes=probes, seed=seed)
+            return ob.sensitivity(self.m, sites, batches, probes=probes, seed=seed, metric=self.metric)
         except ValueError as exc:
             raise SensitivityUnavailable(f"sensitivities could not be measured ({exc})") from None
 
@@ -262,7 +264,7 @@ class OnnxFrontend:
         return ref, out, layers
 
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
-        return ob.single_layer_errors(self.m, sites, self._fitted, batches)
+        return ob.single_layer_errors(self.m, sites, self._fitted, batches, self.metric)
 
     # ----------------------------------------------------------------- latency
     def timing_signature(self) -> str:

@@ -13,7 +13,9 @@ the torch frontend's, see :mod:`sketchpass.fx.observe`) is measured by perturbat
 the model adds a graph input ``δ_i`` to every matched node's output.  For layer ``i`` we feed
 ``δ_i ~ N(0, ε²‖y_i‖²/D_i)`` (``ε = 10⁻²``, zeros elsewhere) and measure
 ``g_i = ‖f(y + δ) − f(y)‖² / (ε² ‖f‖²)``, which for small ``ε`` is
-``‖y_i‖² ‖J_i‖²_F / (D_i ‖f‖²)`` in expectation.  One run per layer and probe on the kept samples
+``‖y_i‖² ‖J_i‖²_F / (D_i ‖f‖²)`` in expectation.  Under ``metric="kl"`` (:mod:`sketchpass.metric`)
+``g_i = Σ KL(f(y) ‖ f(y + δ)) / (ε² · positions)``, the same first-order gain counted in mean KL: both are
+``num / (ε² den)`` of the metric's ``(num, den)``.  One run per layer and probe on the kept samples
 (``sensitivity_samples``, ``probes``); ``sensitivity_samples=0`` weights every layer equally (a plan
 note says so).
 
@@ -30,6 +32,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from ..metric import Metric
 from ..site import LayerInput, Site
 
 EPS = 1e-2
@@ -163,9 +166,14 @@ def _floats(arrays) -> list[np.ndarray]:
     return [a.astype(np.float64) for a in arrays if np.issubdtype(a.dtype, np.floating)]
 
 
+def _torch(arrays) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+
 def sensitivity(model: onnx.ModelProto, sites: list[Site], batches: list[dict], probes: int = 1,
-                seed: int = 0) -> dict[str, float]:
+                seed: int = 0, metric: Metric | None = None) -> dict[str, float]:
     """Output gain of every active site by perturbation (see module docstring)."""
+    metric = metric or Metric()
     active = [s for s in sites if s.skip is None]
     if not active or not batches:
         return {}
@@ -182,7 +190,8 @@ def sensitivity(model: onnx.ModelProto, sites: list[Site], batches: list[dict], 
         f0 = _floats(res[:len(real_out)])
         if not f0:
             raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
-        fsq += sum(float(np.square(f).sum()) for f in f0)
+        f0 = _torch(f0)
+        fsq += metric.errors(f0, f0)[1]
         ys = dict(zip([s.name for s in active], res[len(real_out):]))
         for s in active:
             y = ys[s.name]
@@ -191,18 +200,19 @@ def sensitivity(model: onnx.ModelProto, sites: list[Site], batches: list[dict], 
                 continue
             for _ in range(probes):
                 d = (rng.standard_normal(y.shape) * scale).astype(y.dtype)
-                fo = _floats(sess.run(real_out, {**feed, **zero, names[s.name][0]: d}))
-                gsq[s.name] += sum(float(np.square(a - b).sum()) for a, b in zip(fo, f0)) / probes
+                fo = _torch(_floats(sess.run(real_out, {**feed, **zero, names[s.name][0]: d})))
+                gsq[s.name] += metric.errors(f0, fo)[0] / probes
         del ys, res
     if fsq == 0:
         return {s.name: 0.0 for s in active}
     return {n: v / (EPS**2 * fsq) for n, v in gsq.items()}
 
 
-def single_layer_errors(model: onnx.ModelProto, sites: list[Site], modules: dict, batches: list[dict]) -> dict:
-    """``{site: (Σ‖f_i − f‖², Σ‖f‖²)}`` with only site ``i``'s fitted module in place of its layer: its output
-    change ``δ_i = module(x) − W x`` (bias-free, in torch, from the layer's original input) added through
-    :func:`perturbation_model`."""
+def single_layer_errors(model: onnx.ModelProto, sites: list[Site], modules: dict, batches: list[dict],
+                        metric: Metric | None = None) -> dict:
+    """``{site: (num, den)}`` of the output error (``metric``; default ``(Σ‖f_i − f‖², Σ‖f‖²)``) with only
+    site ``i``'s fitted module in place of its layer: its output change ``δ_i = module(x) − W x`` (bias-free,
+    in torch, from the layer's original input) added through :func:`perturbation_model`."""
     if not sites or not batches:
         return {}
     m, names = perturbation_model(model, sites)
@@ -214,8 +224,8 @@ def single_layer_errors(model: onnx.ModelProto, sites: list[Site], modules: dict
     for feed in batches:
         fetch = real_out + [names[s.name][1] for s in sites] + [s.ref.x for s in sites]
         res = sess.run(fetch, {**feed, **zero})
-        f0 = _floats(res[:len(real_out)])
-        den = sum(float(np.square(f).sum()) for f in f0)
+        f0 = _torch(_floats(res[:len(real_out)]))
+        den = metric.errors(f0, f0)[1]
         ys = res[len(real_out):len(real_out) + len(sites)]
         xs = res[len(real_out) + len(sites):]
         for s, y, x in zip(sites, ys, xs):
@@ -224,7 +234,7 @@ def single_layer_errors(model: onnx.ModelProto, sites: list[Site], modules: dict
             with torch.no_grad():
                 xin = inp.x.to(dense.weight.dtype)
                 delta = (mod(xin) - dense(xin)).reshape(y.shape).numpy().astype(y.dtype)
-            fo = _floats(sess.run(real_out, {**feed, **zero, names[s.name][0]: delta}))
-            out[s.name][0] += sum(float(np.square(a - b).sum()) for a, b in zip(fo, f0))
+            fo = _torch(_floats(sess.run(real_out, {**feed, **zero, names[s.name][0]: delta})))
+            out[s.name][0] += metric.errors(f0, fo)[0]
             out[s.name][1] += den
     return {k: (v[0], v[1]) for k, v in out.items()}

@@ -1,0 +1,117 @@
+"""How the model's output error is counted: the one quantity the solver minimises, the verify stage measures
+and the plan reports (``metric=`` option).
+
+``"mse"`` — the **relative squared error** of all the model's floating-point outputs,
+``Σ‖f̂ − f‖² / Σ‖f‖²``.  The default for every model but language models: it asks nothing of what the
+outputs mean.
+
+``"kl"`` — the **mean KL divergence** ``KL(softmax(f) ‖ softmax(f̂))`` of the model's first floating-point
+output read as logits over its last axis, in nats per position (a token of a language model, a sample of a
+classifier).  The default for language models (``transformers`` models that generate): perplexity and
+next-token agreement follow the distributions, not the raw logits — a logit error along a direction
+the softmax ignores (a shift of all logits) or on tokens it gives no weight costs nothing, one on the likely
+tokens costs much.  Measured on SmolLM2-135M (``bench/llm.py``) the solver's allocation under ``"mse"`` stopped
+tracking perplexity at large errors; under ``"kl"`` it does.
+
+Sensitivities under either metric come from the same first-order model (:mod:`sketchpass.fx.observe`): a
+perturbation ``δ`` of layer ``i``'s output moves the logits by ``J_i δ``; the squared error is ``‖J_i δ‖²`` and
+the KL divergence ``½ (J_i δ)ᵀ F (J_i δ)`` with ``F = diag(p) − p pᵀ`` (the softmax's Fisher matrix, per
+position).  A probe ``v`` with ``E[v vᵀ] = I`` (Rademacher) estimates ``tr(J_iᵀ J_i)``; one with
+``E[v vᵀ] = F`` — ``v = e_y − p`` with ``y`` drawn from ``p`` — estimates ``tr(J_iᵀ F J_i)``, at the same cost
+(one backward pass).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+METRICS = ("auto", "mse", "kl")
+
+
+class Metric:
+    """One way of counting the output error: ``pair(ref, out) = (num, den)`` summed over batches, the error
+    is ``Σ num / Σ den``."""
+
+    name = "mse"
+    label = "relative squared output error"
+    unit = "relative, squared"
+
+    def outputs(self, tensors: list) -> list:
+        """The outputs the error is counted on."""
+        return list(tensors)
+
+    def pair(self, ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+        ref, out = ref.detach().double(), out.detach().double()
+        return float((out - ref).square().sum()), float(ref.square().sum())
+
+    def errors(self, refs: list, outs: list) -> tuple[float, float]:
+        """``(num, den)`` over the outputs this metric counts."""
+        num = den = 0.0
+        for a, b in zip(self.outputs(refs), self.outputs(outs)):
+            n, d = self.pair(a, b)
+            num, den = num + n, den + d
+        return num, den
+
+    def probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A probe ``v`` on one output whose covariance is the metric's local quadratic form (times 2 for KL)."""
+        return (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.dtype).to(out.device)
+
+    def scale(self, out: torch.Tensor) -> float:
+        """What a sensitivity is divided by on one output: ``E‖Jᵀv‖² / Σ scale`` is the predicted error per unit
+        relative layer error (``‖f‖²`` for the relative squared error; ``2 · positions`` for KL, whose quadratic
+        form is ``½ δᵀFδ``)."""
+        return float(out.detach().double().square().sum())
+
+
+class KL(Metric):
+    name = "kl"
+    label = "mean KL divergence of the output distributions"
+    unit = "mean KL, nats per position"
+
+    def outputs(self, tensors: list) -> list:
+        if not tensors:
+            return []
+        first = tensors[0]
+        if first.dim() < 1 or first.shape[-1] < 2:
+            raise ValueError(f"metric='kl' reads the model's first floating-point output as logits over its last "
+                             f"axis (at least 2 classes); that output has shape {tuple(first.shape)}: use "
+                             "metric='mse'")
+        return [first]
+
+    def pair(self, ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+        p = torch.log_softmax(ref.detach().double(), -1)
+        q = torch.log_softmax(out.detach().double(), -1)
+        kl = (p.exp() * (p - q)).sum()
+        return float(kl.clamp_min(0.0)), float(ref.numel() // ref.shape[-1])
+
+    def probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        p = torch.softmax(out.detach().float(), -1)
+        flat = p.reshape(-1, p.shape[-1])
+        y = torch.multinomial(flat.cpu(), 1, generator=gen).to(p.device)
+        v = flat.neg()
+        v.scatter_add_(1, y, torch.ones_like(y, dtype=v.dtype))
+        return v.reshape(out.shape).to(out.dtype)
+
+    def scale(self, out: torch.Tensor) -> float:
+        return 2.0 * (out.numel() // out.shape[-1])
+
+
+def metric(name: str) -> Metric:
+    if name == "mse":
+        return Metric()
+    if name == "kl":
+        return KL()
+    raise ValueError(f"metric must be one of {METRICS[1:]} once resolved, got {name!r}")
+
+
+def is_language_model(model) -> bool:
+    """A ``transformers`` model that generates text (``can_generate()``): its first output is next-token logits."""
+    tf = sys.modules.get("transformers")  # a transformers model means transformers is imported
+    if tf is None or not isinstance(model, getattr(tf, "PreTrainedModel", ())):
+        return False
+    try:
+        return bool(model.can_generate())
+    except Exception:  # noqa: BLE001 — a model whose check fails is not treated as a language model
+        return False
