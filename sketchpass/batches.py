@@ -17,6 +17,7 @@ the output error is then not measured (the plan says so).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -96,6 +97,22 @@ def move_batch(batch: Any, device) -> Any:
     return _map_tensors(batch, lambda t: t.to(device))
 
 
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The real (not padded) tokens of a batch: its ``attention_mask`` (a dict batch's ``(samples, tokens)``
+    tensor of zeros and ones, the Hugging Face convention) as booleans, or ``None`` when there is none or it
+    masks nothing.  The input Grams and the refit then count the real tokens' rows only: a padded position's
+    activations are computed by the model but are not data (:func:`sketchpass.fx.observe.layer_input`)."""
+    if not isinstance(batch, dict):
+        return None
+    m = batch.get("attention_mask")
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.is_complex():
+        return None
+    keep = m != 0
+    if bool(keep.all()) or not bool(((m == 0) | (m == 1)).all()):
+        return None  # nothing padded, or not a 0/1 mask (an additive float mask): every row counts
+    return keep
+
+
 def output_tensors(out) -> list[torch.Tensor]:
     """Floating-point tensors of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
     if isinstance(out, torch.Tensor):
@@ -161,6 +178,16 @@ def leaves(batch: Any) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     _map_tensors(batch, lambda t: out.append(t) or t)
     return out
+
+
+def fingerprint(batch: Any) -> str:
+    """A digest of a batch's tensors (shapes, dtypes and bytes): the same batch read again has the same one."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in leaves(batch):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def to_channels_last(batch: Any) -> Any:

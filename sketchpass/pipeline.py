@@ -805,6 +805,14 @@ def run_plan(fe: Frontend, budget: Budget, calib, o: Options, ignore: Iterable[s
     finally:
         if data is not None:
             data.close()
+        _close(fe)
+
+
+def _close(fe: Frontend) -> None:
+    """Let the frontend drop what it kept between the stages (optional: ``fe.close()``)."""
+    close = getattr(fe, "close", None)
+    if callable(close):
+        close()
 
 
 def _shapes(batch) -> dict:
@@ -1128,3 +1136,4 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
     finally:
         if data is not None:
             data.close()
+        _close(fe)

@@ -26,10 +26,12 @@ from ..batches import (
     call_model,
     channels_last_ok,
     check_batch,
+    fingerprint,
     iter_batches,
     one_shot,
     slice_batch,
     to_channels_last,
+    token_mask,
 )
 from ..metric import is_language_model
 from ..metric import metric as metric_of
@@ -118,6 +120,7 @@ class TorchFrontend:
         self._chain: list[str] | None = None
         self._group: dict[str, tuple[int, int]] = {}
         self._step_block: list[int | None] = []
+        self._records: Store | None = None  # :meth:`_record`
 
     # ----------------------------------------------------------------- data and capture
     def calib(self, calib, o: Options) -> Calib:
@@ -284,7 +287,38 @@ class TorchFrontend:
 
     # ----------------------------------------------------------------- observe
     def observe_batch(self, batch, sites, visit) -> None:
-        fo.observe_batch(self.cap.model, sites, lambda s: s.dense, batch, visit)
+        mask = self._mask(batch)
+        if self._chain is None:
+            fo.observe_batch(self.cap.model, sites, lambda s: s.dense, batch, visit, mask)
+            return
+        with fo.observing(sites, lambda s: s.dense, visit, lambda: mask), torch.no_grad():
+            self._record(batch)  # the calibration forward records what the refit's start needs
+
+    def _record(self, batch) -> tuple[list, torch.Tensor, dict]:
+        """One forward of the original model on ``batch``: every block's call, the first block's input and the
+        first inputs of the layers outside the blocks — what :meth:`start` needs of the batch.  Kept (by the
+        batch's :func:`~sketchpass.batches.fingerprint`, in a :class:`Store` within ``max_activation_mb``) so
+        that the refit reuses the calibration forward instead of running the model again."""
+        paths = [s.ref for s in self._sites if s.skip is None and block_index(s.ref, self._chain) is None]
+        with first_inputs(self.cap.model, paths) as outside, torch.no_grad():
+            calls, hiddens, _ = record_calls(self.cap.model, self._chain, batch)
+        rec = (calls, hiddens[0], outside)
+        if self._records is None:
+            self._records = Store(self.o.max_activation_mb * 2**20, "recorded block calls")
+        self._records.put(fingerprint(batch), rec)
+        return rec
+
+    def close(self) -> None:
+        """Drop what was kept between the stages (the recorded block calls and their temporary files)."""
+        if self._records is not None:
+            self._records.close()
+            self._records = None
+
+    def _mask(self, batch) -> torch.Tensor | None:
+        """The batch's real tokens (:func:`~sketchpass.batches.token_mask`), in modules capture — the calibration
+        and the refit of a Hugging Face model count the rows of real tokens only.  (An fx graph's refit streams
+        its tensors without the batch; it counts every row, in calibration too.)"""
+        return token_mask(batch) if self.cap.graph is None else None
 
     def calibration_groups(self, sites: list[Site]) -> tuple[list[list[Site]] | None, str | None]:
         """Block-by-block calibration: the layers outside the blocks, then each block's; or ``None`` and why not."""
@@ -312,19 +346,21 @@ class TorchFrontend:
         store = Store(max_bytes, "block-mode calibration activations")
         try:
             keys = []
-            with fo.observing(outside, lambda st: st.dense, visit):
+            cur: dict = {"mask": None}
+            with fo.observing(outside, lambda st: st.dense, visit, lambda: cur["mask"]):
                 for k, batch in enumerate(batches):
                     on_batch(batch)
-                    calls, (h, *_), _ = record_calls(model, self._chain, batch)
-                    store.put(k, (calls, h))
+                    cur["mask"] = self._mask(batch)
+                    calls, h, _ = self._record(batch)
+                    store.put(k, (calls, h, cur["mask"]))
                     keys.append(k)
             finish(outside)
             for i, group in enumerate(per_block):
                 block = model.get_submodule(self._chain[i])
-                with fo.observing(group, lambda st: st.dense, visit):
+                with fo.observing(group, lambda st: st.dense, visit, lambda: cur["mask"]):
                     for k in keys:
-                        calls, h = store.get(k)
-                        store.put(k, (calls, hidden_of(calls[i].run(block, h))))
+                        calls, h, cur["mask"] = store.get(k)
+                        store.put(k, (calls, hidden_of(calls[i].run(block, h)), cur["mask"]))
                 finish(group)
         finally:
             store.close()
@@ -343,7 +379,8 @@ class TorchFrontend:
         batches = cut
         try:
             return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed,
-                                  module_of=lambda st: self._out(self.cap.model, st), metric=self.metric)
+                                  module_of=lambda st: self._out(self.cap.model, st), metric=self.metric,
+                                  mask_of=self._mask)
         except RuntimeError as exc:  # e.g. in-place ops on tensors autograd needs: no backward through the model
             first = " ".join(str(exc).split())[:160]
             raise SensitivityUnavailable(f"sensitivities could not be measured (backward through the model "
@@ -386,12 +423,15 @@ class TorchFrontend:
         if self._segments is not None:
             return self._segments.start(batch)
         if self._chain is not None:
-            # one forward of the original model: every block's call, and the original inputs of the layers
-            # outside the blocks (the refit then runs only the compressed model to reach those)
-            paths = [s.ref for s in self._sites if s.skip is None and block_index(s.ref, self._chain) is None]
-            with first_inputs(self.cap.model, paths) as outside:
-                calls, hiddens, _ = record_calls(self.cap.model, self._chain, batch)
-            return self._goto({"batch": batch, "calls": calls, "h0": hiddens[0], "at": None, "o": None, "n": None,
+            # every block's call, and the original inputs of the layers outside the blocks (the refit then runs
+            # only the compressed model to reach those): recorded by the calibration forward of this batch, or
+            # by one forward of the original model now
+            key = fingerprint(batch)
+            if self._records is not None and key in self._records.keys():
+                calls, h0, outside = self._records.get(key)
+            else:
+                calls, h0, outside = self._record(batch)
+            return self._goto({"batch": batch, "calls": calls, "h0": h0, "at": None, "o": None, "n": None,
                                "outside": outside}, 0)
         return batch
 
@@ -451,6 +491,7 @@ class TorchFrontend:
 
     def site_inputs(self, env, site: Site) -> tuple[LayerInput, LayerInput] | None:
         mod = site.dense
+        mask = None
         if self._segments is not None:
             env_o, env_n = env
             key = self._segments.input_name(site.ref)
@@ -458,6 +499,7 @@ class TorchFrontend:
         elif self._chain is not None and env["at"] is not None:
             i = env["at"]
             call = env["calls"][i]
+            mask = self._mask(env["batch"])
             x = self._original_block(env, i)[1].get(site.ref)
             if env["n"] is env["o"] and not self._replaced_in(i):
                 xh = x
@@ -468,12 +510,13 @@ class TorchFrontend:
                 return None
         else:
             batch = env["batch"] if self._chain is not None else env
+            mask = self._mask(batch)
             x = env["outside"].get(site.ref) if self._chain is not None else _input_of(self.cap.model, mod, batch)
             xh = x if not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref), batch)
             if x is None or xh is None:
                 return None
-        inp = fo.layer_input(site, mod, x, None)
-        return inp, (inp if xh is x else fo.layer_input(site, mod, xh, None))
+        inp = fo.layer_input(site, mod, x, None, mask)
+        return inp, (inp if xh is x else fo.layer_input(site, mod, xh, None, mask))
 
     def replace(self, site: Site, module: nn.Module) -> None:
         module.train(False)

@@ -31,13 +31,19 @@ from ..metric import Metric
 from ..site import LayerInput, Site
 
 
-def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> LayerInput:
-    """One call's input of a matched module as a :class:`LayerInput` (conv inputs explicitly padded)."""
+def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> LayerInput:
+    """One call's input of a matched module as a :class:`LayerInput` (conv inputs explicitly padded).  ``mask``
+    (:func:`sketchpass.batches.token_mask`, ``(samples, tokens)``): a linear layer whose input is
+    ``(samples, tokens, d_in)`` keeps the rows of the real tokens only (its positions still count them all)."""
     spec = site.spec
     if spec.op == "linear":
-        rows = x.reshape(-1, spec.d_in)
-        return LayerInput(rows, x.shape[0] if x.dim() > 1 else 1, rows.shape[0], rows.shape[0], tuple(x.shape),
-                          x.dtype)
+        positions = x.numel() // spec.d_in
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            rows = x[mask.to(x.device)]
+        else:
+            rows = x.reshape(-1, spec.d_in)
+        return LayerInput(rows, x.shape[0] if x.dim() > 1 else 1, positions, positions, tuple(x.shape), x.dtype)
     n = x.shape[0]
     pad = mod.padding
     if isinstance(pad, str):
@@ -53,13 +59,15 @@ def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | N
 
 
 @contextmanager
-def observing(sites: list[Site], module_of: Callable[[Site], nn.Module], visit: Callable[[Site, LayerInput], None]):
-    """Hooks that call ``visit`` with every input of every site's module while the block runs."""
+def observing(sites: list[Site], module_of: Callable[[Site], nn.Module], visit: Callable[[Site, LayerInput], None],
+              mask: Callable[[], torch.Tensor | None] = lambda: None):
+    """Hooks that call ``visit`` with every input of every site's module while the block runs (``mask()``: the
+    current batch's token mask, :func:`layer_input`)."""
     def make_hook(site: Site):
         mod = module_of(site)
 
         def hook(module, inputs, output):
-            visit(site, layer_input(site, mod, inputs[0].detach(), output))
+            visit(site, layer_input(site, mod, inputs[0].detach(), output, mask()))
 
         return hook
 
@@ -72,9 +80,9 @@ def observing(sites: list[Site], module_of: Callable[[Site], nn.Module], visit: 
 
 
 def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site], nn.Module], batch,
-                  visit: Callable[[Site, LayerInput], None]) -> None:
+                  visit: Callable[[Site, LayerInput], None], mask: torch.Tensor | None = None) -> None:
     """One forward pass of ``model`` on ``batch`` with a hook on every site's module."""
-    with observing(sites, module_of, visit), torch.no_grad():
+    with observing(sites, module_of, visit, lambda: mask), torch.no_grad():
         call_model(model, batch)
 
 
@@ -152,10 +160,14 @@ def _sq(t: torch.Tensor) -> float:
 
 
 def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 1, seed: int = 0,
-                module_of: Callable[[Site], nn.Module] | None = None, metric: Metric | None = None) -> dict[str, float]:
+                module_of: Callable[[Site], nn.Module] | None = None, metric: Metric | None = None,
+                mask_of: Callable[[object], torch.Tensor | None] = lambda batch: None) -> dict[str, float]:
     """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes whose
-    covariance is ``metric``'s quadratic form (:mod:`sketchpass.metric`; default the relative squared error)."""
+    covariance is ``metric``'s quadratic form (:mod:`sketchpass.metric`; default the relative squared error).
+    ``mask_of(batch)``: the batch's real tokens (:func:`layer_input`); a layer's ``‖y_i‖² / D_i`` is then that
+    of its real tokens' outputs, as its relative error is measured on their rows."""
     metric = metric or Metric()
+    cur: dict = {"mask": None}
     active = [s for s in sites if s.skip is None]
     if not active or not batches:
         return {s.name: 1.0 for s in active}
@@ -168,8 +180,11 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
         def hook(module, inputs, output):
             z = torch.zeros_like(output, requires_grad=True)
             zs.setdefault(site.name, []).append(z)
-            ysq[site.name] += _sq(output)
-            numel[site.name] += output.numel()
+            m = cur["mask"]
+            real = output[m.to(output.device)] if m is not None and output.dim() == 3 and \
+                tuple(output.shape[:2]) == tuple(m.shape) else output
+            ysq[site.name] += _sq(real)
+            numel[site.name] += real.numel()
             return output + z
 
         return hook
@@ -188,6 +203,7 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
     try:
         for batch in batches:
             zs.clear()
+            cur["mask"] = mask_of(batch)
             with torch.enable_grad():
                 outs = metric.outputs(_tensors(call_model(model, batch)))
                 if not outs:
