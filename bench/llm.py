@@ -49,7 +49,7 @@ eigendecompositions of the input Grams and the SVDs), and projected to a Llama-2
 
 Writes ``llm.json`` and ``llm.md`` into ``--out`` (default ``docs``)::
 
-    python bench/llm.py                 # both parts (about 45 minutes on 2 cores)
+    python bench/llm.py                 # both parts (about 66 minutes on 2 cores)
     python bench/llm.py --part quality  # SmolLM2 only; --part scale: the size series only
 """
 
