@@ -49,8 +49,10 @@ def test_metric_names_and_refusals():
         metric("auto")
     with pytest.raises(ValueError, match=r"metric must be one of \('auto', 'mse', 'kl'\), got 'ce'"):
         Options(metric="ce")
-    with pytest.raises(ValueError, match=r"logits over its last axis.*shape \(4, 1\).*metric='mse'"):
-        KL().outputs([torch.zeros(4, 1)])
+    with pytest.raises(ValueError, match=r"logits over its last axis.*shapes \[\(\), \(4, 1\)\].*metric='mse'"):
+        KL().outputs([torch.zeros(()), torch.zeros(4, 1)])
+    logits = torch.zeros(2, 3, 5)
+    assert KL().outputs([torch.tensor(2.3), logits])[0] is logits  # a loss first (labels in the batch)
 
 
 # --------------------------------------------------------------------------- sensitivity under KL
@@ -215,3 +217,20 @@ def test_onnx_kl_matches_torch():
         assert op[name].sensitivity == pytest.approx(tp[name].sensitivity, rel=0.5), name
     assert 1 / 3 < op.verify["ratio"] < 3
     assert op.verify["measured"] == pytest.approx(tp.verify["measured"], rel=0.05)
+
+
+def test_a_language_model_with_labels_in_its_batches():
+    """A batch with ``labels`` makes a Hugging Face model return its loss first: KL reads the logits after it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 96, (2, 16), generator=g) for _ in range(8)]
+    small = sp.transform(model, sp.Budget(params=0.8), calib=[{"input_ids": i, "labels": i} for i in ids],
+                         method="svd", rounds=0)
+    p = small.sketchpass_plan
+    with torch.no_grad():
+        num, den = KL().pair(model(input_ids=ids[-1]).logits, small(input_ids=ids[-1]).logits)
+    assert p.options["metric"] == "kl" and p.verify["measured"] == pytest.approx(num / den, rel=1e-5)
