@@ -42,7 +42,8 @@ def plan(model, budget, calib=None, method: str = "auto", seed: int = 0, ignore:
     fit, emit and measure it on held-out calibration batches (the closed loop of :mod:`sketchpass.pipeline`).
 
     Options (all of :class:`sketchpass.options.Options` but ``u_storage`` and ``check``): ``l``,
-    ``granularity``, ``init``, ``dist``, ``sketch_sizes``, ``sensitivity_samples``, ``probes``,
+    ``granularity``, ``init``, ``dist``, ``sketch_sizes``, ``metric`` (how the output error is counted:
+    ``"auto"``, ``"mse"``, ``"kl"``; :mod:`sketchpass.metric`), ``sensitivity_samples``, ``probes``,
     ``example_inputs``, ``max_gram_mb``, ``max_grams_mb``, ``max_batches``, ``batch_size``, ``holdout``,
     ``max_activation_mb``, ``shrink``, ``refit``, ``rounds``, ``tolerance``, ``capture``, ``blocks``, ``target``,
     ``threads``, ``timing_table``, ``timing_sizes``, ``latency_rounds``, ``progress``.
