@@ -44,8 +44,7 @@ class Metric:
         return list(tensors)
 
     def pair(self, ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-        ref, out = ref.detach().double(), out.detach().double()
-        return float((out - ref).square().sum()), float(ref.square().sum())
+        return float((out.detach().double() - ref.detach().double()).square().sum()), self._den(ref)
 
     def errors(self, refs: list, outs: list) -> tuple[float, float]:
         """``(num, den)`` over the outputs this metric counts."""
@@ -54,6 +53,13 @@ class Metric:
             n, d = self.pair(a, b)
             num, den = num + n, den + d
         return num, den
+
+    def denominator(self, refs: list) -> float:
+        """``Σ den`` of :meth:`errors` from the reference outputs alone."""
+        return sum(self._den(a) for a in self.outputs(refs))
+
+    def _den(self, ref: torch.Tensor) -> float:
+        return float(ref.detach().double().square().sum())
 
     def probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """A probe ``v`` on one output whose covariance is the metric's local quadratic form (times 2 for KL)."""
@@ -87,7 +93,10 @@ class KL(Metric):
         p = torch.log_softmax(ref.detach().double(), -1)
         q = torch.log_softmax(out.detach().double(), -1)
         kl = (p.exp() * (p - q)).sum()
-        return float(kl.clamp_min(0.0)), float(ref.numel() // ref.shape[-1])
+        return float(kl.clamp_min(0.0)), self._den(ref)
+
+    def _den(self, ref: torch.Tensor) -> float:
+        return float(ref.numel() // ref.shape[-1])
 
     def probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         p = torch.softmax(out.detach().float(), -1)

@@ -174,12 +174,16 @@ def test_kl_changes_the_allocation_towards_what_the_softmax_sees():
 
 
 # --------------------------------------------------------------------------- language models: the default
-def test_a_language_model_is_measured_in_kl_by_default():
+def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_a_language_model_is_measured_in_kl_by_default():
+    model = _tiny_llama()
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(0, 96, (2, 16), generator=g)} for _ in range(8)]
     small = sp.transform(model, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0)
@@ -221,11 +225,7 @@ def test_onnx_kl_matches_torch():
 
 def test_a_language_model_with_labels_in_its_batches():
     """A batch with ``labels`` makes a Hugging Face model return its loss first: KL reads the logits after it."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama()
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 96, (2, 16), generator=g) for _ in range(8)]
     small = sp.transform(model, sp.Budget(params=0.8), calib=[{"input_ids": i, "labels": i} for i in ids],

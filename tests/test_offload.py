@@ -75,3 +75,13 @@ def test_meta_weights_without_hooks_are_refused():
     with pytest.raises(ValueError, match=r"parameters of the model are on the meta device \(first: "
                                          r"model\.embed_tokens\.weight\): load its weights first"):
         sp.plan(model, sp.Budget(params=0.8), calib=_calib())
+
+
+def test_an_offloaded_tensor_missing_from_its_weights_map_is_refused():
+    model = _llama()
+    off = _offload(model, "cpu", None)
+    hook = off.model.layers[0].mlp.up_proj._hf_hook
+    hook.weights_map = {}  # a map that lost the weight it offloaded
+    with pytest.raises(ValueError, match=r"accelerate offloaded 'weight' of Linear but its weights map does not hold "
+                                         r"it: the model's weights cannot be gathered"):
+        sp.plan(off, sp.Budget(params=0.8), calib=_calib())

@@ -191,7 +191,7 @@ def sensitivity(model: onnx.ModelProto, sites: list[Site], batches: list[dict], 
         if not f0:
             raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
         f0 = _torch(f0)
-        fsq += metric.errors(f0, f0)[1]
+        fsq += metric.denominator(f0)
         ys = dict(zip([s.name for s in active], res[len(real_out):]))
         for s in active:
             y = ys[s.name]
@@ -225,7 +225,7 @@ def single_layer_errors(model: onnx.ModelProto, sites: list[Site], modules: dict
         fetch = real_out + [names[s.name][1] for s in sites] + [s.ref.x for s in sites]
         res = sess.run(fetch, {**feed, **zero})
         f0 = _torch(_floats(res[:len(real_out)]))
-        den = metric.errors(f0, f0)[1]
+        den = metric.denominator(f0)
         ys = res[len(real_out):len(real_out) + len(sites)]
         xs = res[len(real_out) + len(sites):]
         for s, y, x in zip(sites, ys, xs):
