@@ -88,8 +88,13 @@ def main(argv=None) -> int:
     ta = [r["seconds"] for r in runs["a"]]
     tb = [r["seconds"] for r in runs["b"]]
     ratios = [b / a for a, b in zip(ta, tb)]
-    commit = lambda t: subprocess.run(["git", "-C", t, "rev-parse", "--short=12", "HEAD"], capture_output=True,  # noqa: E731
-                                      text=True).stdout.strip()
+    def commit(tree: str) -> str:  # the tree's commit, marked when its sketchpass/ differs from it
+        head = subprocess.run(["git", "-C", tree, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--", "sketchpass"], capture_output=True,
+                               text=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
+
     meta = {"command": "python bench/ab_transform.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "a": commit(args.a),
             "b": commit(args.b), "order": order, "threads": args.threads, "cpus": os.cpu_count(),

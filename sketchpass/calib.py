@@ -145,19 +145,30 @@ class GramAccumulator:
             self._mirrored = True
         return self._gram
 
-    def add_rows(self, rows: torch.Tensor, also: torch.Tensor | None = None) -> None:
-        """``rows``: ``(N, groups · n)`` with group-major features.  ``also`` (``(groups, n, n)``, optional)
-        receives the same ``xᵀx`` increments in full (:class:`CrossGramAccumulator` when ``x̂ = x``)."""
+    def add_rows(self, rows: torch.Tensor, also: tuple[torch.Tensor, ...] = (),
+                 others: tuple[GramAccumulator, ...] = ()) -> None:
+        """``rows``: ``(N, groups · n)`` with group-major features.  Every tensor of ``also`` (``(groups, n, n)``)
+        receives the same ``xᵀx`` increments in full (:class:`CrossGramAccumulator` when ``x̂ = x``); every
+        accumulator of ``others`` (the same shape: layers that read the same input) the same increments as this
+        one, from one product."""
+        mine = (self, *others)
+        if any((o.groups, o.n) != (self.groups, self.n) for o in others):
+            raise ValueError("accumulators sharing rows must have the same groups and features")
         r = rows.detach().reshape(rows.shape[0], self.groups, self.n).float()
-        self._mirrored = False
+        for acc in mine:
+            acc._mirrored = False
         for g in range(self.groups):
             xg = r[:, g]
-            sym_add(xg, [self._gram[g]], () if also is None else (also[g],))
+            sym_add(xg, [acc._gram[g] for acc in mine], tuple(t[g] for t in also))
             a = xg.square().sum(1)  # ‖x‖² per row
-            self.fourth[g] += float(a.square().sum(dtype=torch.float64))
-            self.sum[g] += xg.sum(0, dtype=torch.float64)
-            self.sq_sum[g] += (a @ xg).double()
-        self.count += rows.shape[0]
+            fourth = float(a.square().sum(dtype=torch.float64))
+            total, sq = xg.sum(0, dtype=torch.float64), (a @ xg).double()
+            for acc in mine:
+                acc.fourth[g] += fourth
+                acc.sum[g] += total
+                acc.sq_sum[g] += sq
+        for acc in mine:
+            acc.count += rows.shape[0]
 
     def add_conv_input(self, x: torch.Tensor, kernel, stride, padding, dilation) -> None:
         """Add the im2col patches of a conv input (per group: channel slices of the patch rows)."""
@@ -264,28 +275,48 @@ class CrossGramAccumulator:
         self.sum = torch.zeros(groups, n_features, dtype=torch.float64)  # Σ x (original inputs)
         self.identical = True  # every x̂ so far was x itself: Σ x x̂ᵀ = Σ x̂ x̂ᵀ exactly
 
-    def add_rows(self, rows: torch.Tensor, rows_hat: torch.Tensor) -> None:
+    def add_rows(self, rows: torch.Tensor, rows_hat: torch.Tensor, others: tuple[CrossGramAccumulator, ...] = ()) \
+            -> None:
+        """Add one batch of row pairs.  ``others``: accumulators (same groups and features) of layers that read
+        the very same ``x`` and ``x̂`` (the q/k/v projections of one hidden state): each gets the same
+        increments as if it had been given the rows itself, from one ``x̂ᵀx̂`` product for all and one ``xᵀx̂``
+        product for those that keep :attr:`cross`."""
+        mine = (self, *others)
+        if any((o.hat.groups, o.hat.n) != (self.hat.groups, self.hat.n) for o in others):
+            raise ValueError("accumulators sharing rows must have the same groups and features")
         G, n = self.hat.groups, self.hat.n
-        if rows_hat is not rows and self.identical:
-            self.identical = False
-            if self.wcross is not None and self.hat.count:  # so far Σ x x̂ᵀ was the Gram itself
-                for g in range(G):
-                    self.wcross[g] += self.weight[g].double() @ self.hat.gram[g]
+        if rows_hat is not rows:
+            for acc in mine:
+                if acc.identical:
+                    acc.identical = False
+                    if acc.wcross is not None and acc.hat.count:  # so far Σ x x̂ᵀ was the Gram itself
+                        for g in range(G):
+                            acc.wcross[g] += acc.weight[g].double() @ acc.hat.gram[g]
         r = rows.detach().reshape(rows.shape[0], G, n).float()
         rh = r if rows_hat is rows else rows_hat.detach().reshape(rows.shape[0], G, n).float()
-        if rows_hat is rows and self.cross is not None:  # Σ x x̂ᵀ = Σ x̂ x̂ᵀ: one product per group
-            self.hat.add_rows(rows, also=self.cross)
-        elif self.identical:  # W M = W Σ x xᵀ, formed from the Gram if x̂ ever differs (above)
-            self.hat.add_rows(rows)
-        else:
-            self.hat.add_rows(rh.reshape(rows.shape[0], G * n))
+        hats = tuple(acc.hat for acc in others)
+        if rows_hat is rows:  # Σ x x̂ᵀ = Σ x̂ x̂ᵀ: one product per group; W M = W Σ x xᵀ is formed from the Gram
+            # if x̂ ever differs (above)
+            self.hat.add_rows(rows, also=tuple(acc.cross for acc in mine if acc.cross is not None), others=hats)
             for g in range(G):
-                if self.cross is not None:
-                    self.cross[g].add_(r[:, g].T @ rh[:, g])
-                else:
-                    self.wcross[g].add_((r[:, g] @ self.weight[g].T).T @ rh[:, g])
+                for acc in mine:
+                    if acc.wcross is not None and not acc.identical:  # x̂ differed in an earlier batch
+                        acc.wcross[g].add_((r[:, g] @ acc.weight[g].T).T @ r[:, g])
+        else:
+            self.hat.add_rows(rh.reshape(rows.shape[0], G * n), others=hats)
+            crossing = [acc for acc in mine if acc.cross is not None]
+            for g in range(G):
+                if crossing:
+                    m = r[:, g].T @ rh[:, g]
+                    for acc in crossing:
+                        acc.cross[g].add_(m)
+                for acc in mine:
+                    if acc.wcross is not None:
+                        acc.wcross[g].add_((r[:, g] @ acc.weight[g].T).T @ rh[:, g])
         for g in range(G):
-            self.sum[g] += r[:, g].sum(0, dtype=torch.float64)
+            total = r[:, g].sum(0, dtype=torch.float64)
+            for acc in mine:
+                acc.sum[g] += total
 
     def add_conv_inputs(self, x, x_hat, kernel, stride, padding, dilation) -> None:
         self.hat.calls += 1

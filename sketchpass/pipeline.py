@@ -127,8 +127,9 @@ class Frontend(Protocol):
     def start(self, batch: Any) -> Any:
         """Both streams (original and compressed) of ``batch`` run up to the first boundary."""
 
-    def site_inputs(self, env: Any, site: Site) -> tuple[LayerInput, LayerInput]:
-        """The site's input in the original and in the compressed stream (the same object while equal)."""
+    def site_inputs(self, env: Any, site: Site, original: bool = False) -> tuple[LayerInput, LayerInput]:
+        """The site's input in the original and in the compressed stream (the same object while equal;
+        ``original``: the original input for both, without running the compressed stream to the site)."""
 
     def advance(self, step: int, env: Any) -> Any:
         """Both streams run from boundary ``step`` to boundary ``step + 1``."""
@@ -399,9 +400,20 @@ def measure_sensitivities(fe: Frontend, sites: list[Site], kept: list, o: Option
 
 
 # --------------------------------------------------------------------------- fit and rewrite
-def _accumulate(acc: CrossGramAccumulator, site: Site, x: LayerInput, xh: LayerInput) -> None:
+def _accumulator(site: Site) -> CrossGramAccumulator:
+    """The refit statistics of ``site``: ``W M`` when the layer has fewer outputs than input features (a conv's
+    im2col rows, a down projection: fewer flops and less memory), else the cross Gram ``M`` itself (an up or
+    square projection: ``rows·n²`` flops instead of ``2·rows·co·n``, and one product serves every layer
+    that reads the same input)."""
+    n, co = gram_features(site), site.spec.d_out // site.spec.groups
+    return CrossGramAccumulator(n, site.spec.groups, weight=site.dense.weight if co < n else None)
+
+
+def _accumulate(acc: CrossGramAccumulator, site: Site, x: LayerInput, xh: LayerInput,
+                others: tuple[CrossGramAccumulator, ...] = ()) -> None:
+    """Add a batch's input pair; ``others``: the accumulators of linear layers given the very same pair."""
     if site.spec.op == "linear":
-        acc.add_rows(x.x, x.x if xh is x else xh.x)
+        acc.add_rows(x.x, x.x if xh is x else xh.x, others=others)
     else:
         s = site.spec
         acc.add_conv_inputs(x.x, x.x if xh is x else xh.x, s.kernel, s.stride, (0,) * len(s.kernel), s.dilation)
@@ -474,6 +486,14 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
             return info
         steps = fe.refit_steps(todo)
         notes: list[str] = []
+        # a layer whose output does not reach the model's output (no gradient flows back to it: sensitivity 0,
+        # e.g. a pooler whose result the model's forward drops) cannot change the model's error: it is fitted on
+        # its original inputs, and the refit never runs the compressed model up to it
+        unseen = {s.name for s in todo if s.sensitivity == 0}
+        if unseen:
+            notes.append(f"{len(unseen)} layer(s) whose output does not reach the model's output (sensitivity 0: "
+                         f"{', '.join(sorted(unseen)[:3])}{', ...' if len(unseen) > 3 else ''}) fitted on their "
+                         "original inputs")
         store = Store(o.max_activation_mb * 2**20, "refit activations")
         try:
             keys = []
@@ -484,18 +504,22 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
             if D is not None:
                 D.same("the refit steps", [[s.name for s in step] for step in steps])
             for si, step in enumerate(steps):
-                accs = {s.name: CrossGramAccumulator(gram_features(s), s.spec.groups, weight=s.dense.weight)
-                        for s in step}
+                accs = {s.name: _accumulator(s) for s in step}
                 seen = dict.fromkeys(accs, False)
                 with section(D, f"refitting {step[0].name}"):
                     for key in keys:
                         env = store.get(key)
+                        given: dict[tuple, list] = {}  # layers given the very same pair: one accumulation
                         for s in step:
-                            pair = fe.site_inputs(env, s)
+                            pair = fe.site_inputs(env, s, original=s.name in unseen)
                             if pair is None:
                                 continue
-                            _accumulate(accs[s.name], s, *pair)
+                            share = (id(pair[0]), id(pair[1]), s.spec.d_in, s.spec.groups) \
+                                if s.spec.op == "linear" else (id(s),)
+                            given.setdefault(share, [pair]).append(s)
                             seen[s.name] = True
+                        for pair, first, *rest in given.values():
+                            _accumulate(accs[first.name], first, *pair, others=tuple(accs[s.name] for s in rest))
                 if D is not None:  # the union of the shards' statistics
                     flags = D.gather([seen[s.name] for s in step])
                     for j, s in enumerate(step):
@@ -1094,6 +1118,7 @@ def run_apply(fe: Frontend, plan: Plan, calib, o: Options) -> Any:
             if s.skip is not None and not s.skip.factorable:
                 raise ValueError(f"layer {spec.name!r} cannot be factored here: {s.detail}")
             s.skip = None
+            s.sensitivity = lp.sensitivity  # as planned (a layer of sensitivity 0 is fitted on its original inputs)
         names = set(out.names())
         fe_sites = [s for n, s in sites.items() if n in names]
         info = fit_and_rewrite(fe, fe_sites, out, data if out.options.get("init") != "random" else None, o)

@@ -70,11 +70,11 @@ def main() -> int:
 
         real, calls = TorchFrontend.site_inputs, [0]
 
-        def failing(self, env, site):
+        def failing(self, env, site, **kw):
             calls[0] += 1
             if calls[0] == 3:
                 raise MemoryError("simulated: out of memory")
-            return real(self, env, site)
+            return real(self, env, site, **kw)
 
         TorchFrontend.site_inputs = failing
     if case == "candidates" and rank == 1:

@@ -93,6 +93,52 @@ def test_chained_refit_runs_each_block_a_bounded_number_of_times():
     assert counts["auto"] * 2 < counts["off"], counts
 
 
+class Pooled(Stack):
+    """A pooler that runs after the blocks and whose result the forward drops (BertModel's pooler under a sentence
+    encoder's own mean pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h, scale=0.5)
+        self.pool(h[:, 0])  # computed, never used
+        return self.out(h)
+
+
+def test_a_layer_whose_output_is_dropped_costs_no_model_run():
+    """Such a layer gets sensitivity 0 (no gradient reaches it): it is fitted on its original inputs, so the refit
+    does not run the whole compressed model once per batch to find its input (a layer after the last block has no
+    block to stop at); every other layer is fitted exactly as without it."""
+    ranks = {"inp": 8, "out": 4}
+    ranks.update({f"blocks.{i}.{n}": 8 for i in range(4) for n in ("q", "k", "fc1", "fc2")})
+    runs, small = {}, {}
+    for pooled in (False, True):
+        torch.manual_seed(0)
+        model = Pooled().eval() if pooled else Stack().eval()
+        calls = [0]
+        model.register_forward_pre_hook(lambda m, a, c=calls: c.__setitem__(0, c[0] + 1))  # the copies inherit it
+        small[pooled] = sp.transform(model, sp.Budget(params=0.95), calib=_calib(), method="svd", capture="modules",
+                                     rounds=0, progress=False, overrides=dict(ranks, **({"pool": 4} if pooled else {})))
+        runs[pooled] = calls[0]
+    plan = small[True].sketchpass_plan
+    assert plan["pool"].sensitivity == 0 and plan["pool"].decision.size == 4
+    assert any("1 layer(s) whose output does not reach the model's output (sensitivity 0: pool)" in n
+               for n in plan.notes)
+    assert runs[True] == runs[False], runs
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small[True](x), small[False](x))
+    # apply() replays the plan the same way
+    torch.manual_seed(0)
+    again = sp.apply(Pooled().eval(), plan, calib=_calib(), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small[True](x))
+
+
 @pytest.mark.parametrize("mode,why", [("parallel", "does not give the next block's input"),
                                       ("twice", "not each called once, in order")])
 def test_models_whose_blocks_are_not_a_chain_fall_back(mode, why):

@@ -97,6 +97,40 @@ def test_weighted_cross_gram_equals_weight_times_cross_gram(groups):
         CrossGramAccumulator(n + 1, groups, weight=W)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_accumulators_sharing_rows_get_what_each_would_alone(groups):
+    """Layers that read the same x and x̂ (q/k/v) share one accumulation: every accumulator, with the full cross
+    Gram or only W M, ends exactly where it would from the rows alone — through x̂ = x, x̂ ≠ x, then x̂ = x again."""
+    from sketchpass.calib import CrossGramAccumulator
+
+    g = torch.Generator().manual_seed(2)
+    n = 24
+    Ws = [torch.randn(groups * co, n, generator=g) for co in (24, 8)]
+    X = [torch.randn(30, groups * n, generator=g) for _ in range(3)]
+    Xh = X[1] + 0.3 * torch.randn(X[1].shape, generator=g)
+    pairs = [(X[0], X[0]), (X[1], Xh), (X[2], X[2])]
+
+    def make():
+        return [CrossGramAccumulator(n, groups), CrossGramAccumulator(n, groups, weight=Ws[0]),
+                CrossGramAccumulator(n, groups, weight=Ws[1])]
+
+    alone, shared = make(), make()
+    for x, xh in pairs:
+        for acc in alone:
+            acc.add_rows(x, xh)
+        shared[1].add_rows(x, xh, others=(shared[0], shared[2]))
+    for a, b in zip(alone, shared):
+        assert a.identical == b.identical is False
+        assert a.hat.count == b.hat.count == 90
+        for name in ("cross", "wcross", "sum"):
+            if getattr(a, name) is not None:
+                torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-6, atol=1e-5)
+        for name in ("gram", "sum", "sq_sum", "fourth"):
+            torch.testing.assert_close(getattr(b.hat, name), getattr(a.hat, name), rtol=1e-6, atol=1e-4)
+    with pytest.raises(ValueError, match="same groups and features"):
+        shared[0].add_rows(X[0], X[0], others=(CrossGramAccumulator(n + 1, groups),))
+
+
 def test_calibration_passes_use_channels_last_only_when_the_model_allows():
     from torch import nn
 

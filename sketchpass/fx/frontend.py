@@ -121,6 +121,7 @@ class TorchFrontend:
         self._group: dict[str, tuple[int, int]] = {}
         self._step_block: list[int | None] = []
         self._records: Store | None = None  # :meth:`_record`
+        self._memo = None  # the last pair site_inputs returned, with what it was made from
 
     # ----------------------------------------------------------------- data and capture
     def calib(self, calib, o: Options) -> Calib:
@@ -388,6 +389,7 @@ class TorchFrontend:
 
     # ----------------------------------------------------------------- fit and rewrite
     def begin(self) -> None:
+        self._memo = None
         self._replaced = {}
         self._fitted: dict[str, nn.Module] = {}
         self._segments = None
@@ -489,19 +491,25 @@ class TorchFrontend:
         args, kwargs = stop_at(self._comp.get_submodule(self._chain[0]), lambda: call_model(self._comp, batch))
         return Call.of(args, kwargs)[1]
 
-    def site_inputs(self, env, site: Site) -> tuple[LayerInput, LayerInput] | None:
+    def site_inputs(self, env, site: Site, original: bool = False) -> tuple[LayerInput, LayerInput] | None:
         mod = site.dense
         mask = None
         if self._segments is not None:
             env_o, env_n = env
             key = self._segments.input_name(site.ref)
             x, xh = env_o[key], env_n[key]
+            xh = x if original else xh
         elif self._chain is not None and env["at"] is not None:
             i = env["at"]
             call = env["calls"][i]
             mask = self._mask(env["batch"])
             x = self._original_block(env, i)[1].get(site.ref)
-            if env["n"] is env["o"] and not self._replaced_in(i):
+            m = self._memo
+            if m is not None and m[0] is env and m[1] is x and site.ref in self._group \
+                    and m[3] == (self._group[site.ref], original) \
+                    and m[4] == site.spec.d_in and site.spec.op == "linear":
+                return m[5]  # a layer of the step that reads the same input as the one before: the same pair
+            if original or (env["n"] is env["o"] and not self._replaced_in(i)):
                 xh = x
             else:
                 xh = input_in_block(self._comp.get_submodule(self._chain[i]), call, env["n"],
@@ -512,13 +520,25 @@ class TorchFrontend:
             batch = env["batch"] if self._chain is not None else env
             mask = self._mask(batch)
             x = env["outside"].get(site.ref) if self._chain is not None else _input_of(self.cap.model, mod, batch)
-            xh = x if not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref), batch)
-            if x is None or xh is None:
+            if x is None:  # not called on this batch: no run of the compressed model
                 return None
+            xh = x if original or not self._replaced else _input_of(self._comp, self._comp.get_submodule(site.ref),
+                                                                       batch)
+            if xh is None:
+                return None
+        m = self._memo
+        if m is not None and m[0] is env and m[1] is x and m[2] is xh and m[4] == site.spec.d_in \
+                and site.spec.op == "linear":
+            return m[5]
         inp = fo.layer_input(site, mod, x, None, mask)
-        return inp, (inp if xh is x else fo.layer_input(site, mod, xh, None, mask))
+        pair = inp, (inp if xh is x else fo.layer_input(site, mod, xh, None, mask))
+        # layers that read the very same input (q/k/v of one hidden state) get the very same pair: the refit
+        # accumulates their statistics from one product (the memo holds its tensors, so no id is reused)
+        self._memo = (env, x, xh, (self._group.get(site.ref), original), site.spec.d_in, pair)
+        return pair
 
     def replace(self, site: Site, module: nn.Module) -> None:
+        self._memo = None
         module.train(False)
         self._fitted[site.name] = module
         self._replaced[site.ref] = module

@@ -208,9 +208,10 @@ class OnnxFrontend:
     def advance(self, step: int, env):
         return self._segments.advance(step, env)
 
-    def site_inputs(self, env, site: Site) -> tuple[LayerInput, LayerInput] | None:
+    def site_inputs(self, env, site: Site, original: bool = False) -> tuple[LayerInput, LayerInput] | None:
         env_o, env_n = env
-        x, xh = env_o.get(site.ref.x), env_n.get(site.ref.x)
+        x = env_o.get(site.ref.x)
+        xh = x if original else env_n.get(site.ref.x)
         if x is None or xh is None:
             return None
         inp = ob.layer_input(site, x)
