@@ -7,7 +7,8 @@ outputs mean.
 
 ``"kl"`` — the **mean KL divergence** ``KL(softmax(f) ‖ softmax(f̂))`` of the model's first floating-point
 output with a class axis (a scalar loss before it is passed over), read as logits over its last axis, in nats
-per position (a token of a language model, a sample of a classifier). The default for language models
+per position (a token of a language model, a sample of a classifier); with a 0/1 ``attention_mask`` in the batch
+(modules capture) padded positions are not counted, under either metric. The default for language models
 (``transformers`` models that generate): perplexity and next-token agreement follow the distributions, not the
 raw logits — a logit error along a direction the softmax ignores (a shift of all logits) or on tokens it gives
 no weight costs nothing, one on the likely tokens costs much. On SmolLM2-135M (``bench/llm.py``) the solver's
@@ -31,9 +32,20 @@ import torch
 METRICS = ("auto", "mse", "kl")
 
 
+def real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The positions of ``t`` that hold real tokens: ``t[mask]`` (``(real positions, ...)``) when ``mask``
+    (:func:`sketchpass.batches.token_mask`, ``(samples, tokens)``) matches ``t``'s first two axes, else ``t``
+    itself (an output without a token axis: a pooled embedding, a class score)."""
+    if mask is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.to(t.device)]
+    return t
+
+
 class Metric:
     """One way of counting the output error: ``pair(ref, out) = (num, den)`` summed over batches, the error
-    is ``Σ num / Σ den``."""
+    is ``Σ num / Σ den``.  Every method takes the batch's token ``mask`` (or ``None``): an output with a token
+    axis is then counted at its real tokens only (:func:`real`) — what a model computes at padding means
+    nothing."""
 
     name = "mse"
     label = "relative squared output error"
@@ -43,33 +55,43 @@ class Metric:
         """The outputs the error is counted on."""
         return list(tensors)
 
-    def pair(self, ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    def pair(self, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float]:
+        ref, out = real(ref, mask), real(out, mask)
         return float((out.detach().double() - ref.detach().double()).square().sum()), self._den(ref)
 
-    def errors(self, refs: list, outs: list) -> tuple[float, float]:
+    def errors(self, refs: list, outs: list, mask: torch.Tensor | None = None) -> tuple[float, float]:
         """``(num, den)`` over the outputs this metric counts."""
         num = den = 0.0
         for a, b in zip(self.outputs(refs), self.outputs(outs)):
-            n, d = self.pair(a, b)
+            n, d = self.pair(a, b, mask)
             num, den = num + n, den + d
         return num, den
 
-    def denominator(self, refs: list) -> float:
+    def denominator(self, refs: list, mask: torch.Tensor | None = None) -> float:
         """``Σ den`` of :meth:`errors` from the reference outputs alone."""
-        return sum(self._den(a) for a in self.outputs(refs))
+        return sum(self._den(real(a, mask)) for a in self.outputs(refs))
 
     def _den(self, ref: torch.Tensor) -> float:
         return float(ref.detach().double().square().sum())
 
-    def probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """A probe ``v`` on one output whose covariance is the metric's local quadratic form (times 2 for KL)."""
-        return (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.dtype).to(out.device)
+    def probe(self, out: torch.Tensor, gen: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A probe ``v`` on one output whose covariance is the metric's local quadratic form (times 2 for KL);
+        zero at padding."""
+        v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.dtype).to(out.device)
+        return _zero_padding(v, mask)
 
-    def scale(self, out: torch.Tensor) -> float:
+    def scale(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> float:
         """What a sensitivity is divided by on one output: ``E‖Jᵀv‖² / Σ scale`` is the predicted error per unit
         relative layer error (``‖f‖²`` for the relative squared error; ``2 · positions`` for KL, whose quadratic
         form is ``½ δᵀFδ``)."""
-        return float(out.detach().double().square().sum())
+        return float(real(out, mask).detach().double().square().sum())
+
+
+def _zero_padding(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and v.dim() >= 3 and tuple(v.shape[:2]) == tuple(mask.shape):
+        keep = mask.to(device=v.device, dtype=v.dtype).reshape(*mask.shape, *([1] * (v.dim() - 2)))
+        return v * keep
+    return v
 
 
 class KL(Metric):
@@ -89,24 +111,32 @@ class KL(Metric):
                          f"over its last axis (at least 2 classes); the outputs have shapes "
                          f"{[tuple(t.shape) for t in tensors]}: use metric='mse'")
 
-    def pair(self, ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-        p = torch.log_softmax(ref.detach().double(), -1)
-        q = torch.log_softmax(out.detach().double(), -1)
-        kl = (p.exp() * (p - q)).sum()
-        return float(kl.clamp_min(0.0)), self._den(ref)
+    CHUNK = 2**22  # logits per float64 log-softmax (32 MB): a batch's KL is summed chunk by chunk
+
+    def pair(self, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float]:
+        ref, out = real(ref, mask), real(out, mask)
+        a, b = ref.detach().reshape(-1, ref.shape[-1]), out.detach().reshape(-1, out.shape[-1])
+        rows = max(1, self.CHUNK // a.shape[1])
+        kl = 0.0
+        for i in range(0, a.shape[0], rows):
+            p = torch.log_softmax(a[i:i + rows].double(), -1)
+            q = torch.log_softmax(b[i:i + rows].double(), -1)
+            kl += float((p.exp() * (p - q)).sum())
+        return max(kl, 0.0), self._den(ref)
 
     def _den(self, ref: torch.Tensor) -> float:
         return float(ref.numel() // ref.shape[-1])
 
-    def probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def probe(self, out: torch.Tensor, gen: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
         p = torch.softmax(out.detach().float(), -1)
         flat = p.reshape(-1, p.shape[-1])
         y = torch.multinomial(flat.cpu(), 1, generator=gen).to(p.device)
         v = flat.neg()
         v.scatter_add_(1, y, torch.ones_like(y, dtype=v.dtype))
-        return v.reshape(out.shape).to(out.dtype)
+        return _zero_padding(v.reshape(out.shape).to(out.dtype), mask)
 
-    def scale(self, out: torch.Tensor) -> float:
+    def scale(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+        out = real(out, mask)
         return 2.0 * (out.numel() // out.shape[-1])
 
 

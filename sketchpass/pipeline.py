@@ -147,6 +147,10 @@ class Frontend(Protocol):
     def compare(self, emitted: Any, batch: Any, sites: list[Site]) -> tuple[list, list, dict]:
         """``(outputs of the original, outputs of emitted, {site: (y, ŷ)})`` on ``batch`` (float tensors)."""
 
+    def output_mask(self, batch: Any) -> Any:
+        """The batch's real tokens, where the output error counts them only (:func:`sketchpass.metric.real`), or
+        ``None`` (every position counts)."""
+
     def single_layer_errors(self, sites: list[Site], batches: list) -> dict[str, tuple[float, float]]:
         """``{site: (num, den)}`` of the output error (``metric``) of ``f_i``, the original model with only that
         site's fitted module swapped in."""
@@ -591,7 +595,7 @@ def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Cali
                 if a.shape != b.shape:
                     raise RuntimeError(f"the emitted model's output has shape {tuple(b.shape)}, the original's "
                                        f"{tuple(a.shape)}")
-            n_, d_ = fe.metric.errors(ref, out)
+            n_, d_ = fe.metric.errors(ref, out, fe.output_mask(batch))
             num, den = num + n_, den + d_
             for s in factored:
                 if s.name in layers:

@@ -29,6 +29,29 @@ def test_kl_pair_is_the_mean_kl_per_position():
     assert Metric().pair(a, a + 3.0)[0] == pytest.approx(9.0 * a.numel(), rel=1e-6)  # the squared error counts it
 
 
+def test_padded_positions_are_not_counted(monkeypatch):
+    """With a token mask, an output with a token axis counts at its real tokens only (numerator, denominator,
+    probes, scale), under both metrics; an output without one (a pooled embedding) is counted whole; the KL of a
+    long batch is summed in chunks, to the same value."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
+    for m in (KL(), Metric()):
+        num, den = m.pair(a, b, mask)
+        assert (num, den) == pytest.approx(m.pair(a[mask], b[mask]), rel=1e-12)
+        assert m.scale(a, mask) == pytest.approx(m.scale(a[mask]), rel=1e-12)
+        assert m.errors([a], [b], mask) == pytest.approx((num, den), rel=1e-12)
+        assert m.denominator([a], mask) == pytest.approx(den, rel=1e-12)
+        v = m.probe(a, torch.Generator().manual_seed(1), mask)
+        assert bool((v[~mask] == 0).all()) and bool((v[mask] != 0).any())
+        pooled = a[:, 0]
+        assert m.pair(pooled, b[:, 0], mask) == m.pair(pooled, b[:, 0])
+    assert KL().pair(a, b, mask)[1] == 9
+    whole = KL().pair(a, b)
+    monkeypatch.setattr(KL, "CHUNK", 14)  # two positions per chunk
+    assert KL().pair(a, b) == pytest.approx(whole, rel=1e-12)
+
+
 def test_kl_probe_covariance_is_the_softmax_fisher():
     logits = torch.tensor([2.0, 0.5, -1.0, 0.0])
     p = torch.softmax(logits.double(), -1)
@@ -196,6 +219,41 @@ def test_a_language_model_is_measured_in_kl_by_default():
     assert 1 / 3 < p.verify["ratio"] < 3
     mse = sp.plan(model, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0, metric="mse")
     assert mse.options["metric"] == "mse" and not any("KL" in n for n in mse.notes)
+
+
+def _right_padded(seed_pad: int, n=8):
+    """Batches of 2 sequences of 8–16 tokens, right-padded to 16 with tokens drawn with ``seed_pad``."""
+    g, gp = torch.Generator().manual_seed(0), torch.Generator().manual_seed(seed_pad)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(8, 17, (2,), generator=g)
+        mask = (torch.arange(16)[None] < lengths[:, None]).long()
+        ids = torch.where(mask.bool(), torch.randint(0, 96, (2, 16), generator=g),
+                          torch.randint(0, 96, (2, 16), generator=gp))
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_a_padded_language_model_counts_real_tokens_only():
+    """Right-padded batches of a causal LM: what sits at the padded positions changes neither the sensitivities,
+    the predicted nor the measured KL, which is the KL of the held-out batch at its real tokens."""
+    model = _tiny_llama()
+    a, b = _right_padded(1), _right_padded(2)
+    with torch.no_grad():  # the premise: a real token's logits do not see the padding after it
+        m = a[0]["attention_mask"].bool()
+        torch.testing.assert_close(model(**a[0]).logits[m], model(**b[0]).logits[m])
+    runs = [sp.transform(model, sp.Budget(params=0.8), calib=c, method="svd", rounds=0) for c in (a, b)]
+    pa, pb = (r.sketchpass_plan for r in runs)
+    for la, lb in zip(pa.layers, pb.layers):
+        assert la.decision.size == lb.decision.size
+        assert la.sensitivity == pytest.approx(lb.sensitivity, rel=1e-5, abs=1e-12)
+        assert la.decision.predicted_error == pytest.approx(lb.decision.predicted_error, rel=1e-5, abs=1e-12)
+    assert pa.verify["measured"] == pytest.approx(pb.verify["measured"], rel=1e-5)
+    held = a[-1]
+    with torch.no_grad():
+        num, den = KL().pair(model(**held).logits, runs[0](**held).logits, held["attention_mask"].bool())
+    assert den == int(held["attention_mask"].sum())
+    assert pa.verify["measured"] == pytest.approx(num / den, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- ONNX: by perturbation

@@ -583,7 +583,12 @@ class TorchFrontend:
             emitted.train(was)
 
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
-        return fo.single_layer_errors(self.cap.model, sites, self._fitted, self._module_in, batches, self.metric)
+        return fo.single_layer_errors(self.cap.model, sites, self._fitted, self._module_in, batches, self.metric,
+                                      mask_of=self._mask)
+
+    def output_mask(self, batch) -> torch.Tensor | None:
+        """The batch's real tokens for counting the output error (:meth:`_mask`)."""
+        return self._mask(batch)
 
     # ----------------------------------------------------------------- latency
     def timing_signature(self) -> str:

@@ -134,9 +134,10 @@ def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
 
 def single_layer_errors(original: nn.Module, sites: list[Site], modules: dict[str, nn.Module],
                         module_of: Callable[[nn.Module, Site], nn.Module], batches: list,
-                        metric: Metric | None = None) -> dict:
-    """``{site: (num, den)}`` of the output error (``metric``; default ``(Σ‖f_i − f‖², Σ‖f‖²)``): the original
-    model with only that site's module swapped in."""
+                        metric: Metric | None = None,
+                        mask_of: Callable[[object], torch.Tensor | None] = lambda batch: None) -> dict:
+    """``{site: (num, den)}`` of the output error (``metric``, at the real tokens of ``mask_of(batch)``; default
+    ``(Σ‖f_i − f‖², Σ‖f‖²)``): the original model with only that site's module swapped in."""
     metric = metric or Metric()
     base = [_outputs(original, b, {}) for b in batches]
     out = {}
@@ -146,7 +147,7 @@ def single_layer_errors(original: nn.Module, sites: list[Site], modules: dict[st
         num = den = 0.0
         try:
             for b, ref in zip(batches, base):
-                n, d = metric.errors(ref, _outputs(original, b, {}))
+                n, d = metric.errors(ref, _outputs(original, b, {}), mask_of(b))
                 num, den = num + n, den + d
         finally:
             h.remove()
@@ -165,7 +166,8 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
     """Output gain ``g_i`` of every active site (see module docstring), from ``probes`` Hutchinson probes whose
     covariance is ``metric``'s quadratic form (:mod:`sketchpass.metric`; default the relative squared error).
     ``mask_of(batch)``: the batch's real tokens (:func:`layer_input`); a layer's ``‖y_i‖² / D_i`` is then that
-    of its real tokens' outputs, as its relative error is measured on their rows."""
+    of its real tokens' outputs, as its relative error is measured on their rows, and the model's output is
+    probed and counted at its real tokens only (:func:`sketchpass.metric.real`)."""
     metric = metric or Metric()
     cur: dict = {"mask": None}
     active = [s for s in sites if s.skip is None]
@@ -208,12 +210,12 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
                 outs = metric.outputs(_tensors(call_model(model, batch)))
                 if not outs:
                     raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
-                fsq += sum(metric.scale(o) for o in outs)
+                fsq += sum(metric.scale(o, cur["mask"]) for o in outs)
                 names = list(zs)
                 leaves = [z for name in names for z in zs[name]]
                 outs = [o for o in outs if o.requires_grad]  # outputs no matched layer feeds have no gain
                 for p in range(probes if outs and leaves else 0):
-                    v = [metric.probe(o, gen) for o in outs]
+                    v = [metric.probe(o, gen, cur["mask"]) for o in outs]
                     grads = torch.autograd.grad(outs, leaves, grad_outputs=v, allow_unused=True,
                                                 retain_graph=p < probes - 1)
                     it = iter(grads)

@@ -267,6 +267,10 @@ class OnnxFrontend:
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
         return ob.single_layer_errors(self.m, sites, self._fitted, batches, self.metric)
 
+    def output_mask(self, batch) -> None:
+        """Every position counts (the ONNX pass does not read attention masks)."""
+        return None
+
     # ----------------------------------------------------------------- latency
     def timing_signature(self) -> str:
         return f"u_storage={self.o.u_storage}"
