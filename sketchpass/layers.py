@@ -59,6 +59,13 @@ class _SKBase(nn.Module):
         """Rows of the stacked sketches per group, ``m = l k``."""
         return self.k * self.l
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``Ŵ`` (:meth:`materialize`), formed when read — for code that reads a layer's
+        weight (its dtype or device, as transformers' T5 and ViT forwards do); the layer's own forward never
+        forms it."""
+        return self.materialize()
+
     def _sketch_shapes(self) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
@@ -356,6 +363,25 @@ class LowRankLinear(nn.Sequential):
         super().__init__(nn.Linear(in_features, rank, bias=False, **fk), nn.Linear(rank, out_features, bias, **fk))
         self.rank = int(rank)
 
+    # what code written for nn.Linear reads of a layer (transformers' T5 feed-forward casts its input to
+    # wo.weight.dtype): the sizes, the bias, and the dense weight Ŵ = L R, formed when read (the forward never
+    # forms it)
+    @property
+    def in_features(self) -> int:
+        return self[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self[1].out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[1].bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.materialize()
+
     def materialize(self) -> torch.Tensor:
         return self[1].weight @ self[0].weight
 
@@ -387,6 +413,18 @@ class _LowRankConvNd(nn.Sequential):
             self._conv_cls(groups * rank, out_channels, 1, groups=groups, bias=bias, **fk),
         )
         self.rank, self.groups = int(rank), int(groups)
+
+    # what code written for nn.ConvNd reads of a layer (transformers' ViT reads its patch projection's
+    # weight.dtype): the sizes, the bias, and the dense kernel K̂, formed when read (the forward never forms it)
+    in_channels = property(lambda self: self[0].in_channels)
+    out_channels = property(lambda self: self[1].out_channels)
+    kernel_size = property(lambda self: self[0].kernel_size)
+    stride = property(lambda self: self[0].stride)
+    padding = property(lambda self: self[0].padding)
+    dilation = property(lambda self: self[0].dilation)
+    padding_mode = property(lambda self: self[0].padding_mode)
+    bias = property(lambda self: self[1].bias)
+    weight = property(lambda self: self.materialize())
 
     def materialize(self) -> torch.Tensor:
         first, second = self[0], self[1]

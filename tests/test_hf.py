@@ -168,3 +168,36 @@ def test_load_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a state dict")
     with pytest.raises(ValueError, match="is not a torch.save'd state dict"):
         sp.load(tmp_path / "junk.pt", model=model)
+
+
+def test_models_whose_forward_reads_a_layer_weight():
+    """transformers' T5 feed-forward casts its input to ``wo.weight.dtype`` and ViT reads its patch projection's
+    ``weight.dtype``: factored layers show the sizes, bias and (formed when read) dense weight of the layer they
+    replace, so such models transform, run, and (T5, an encoder-decoder) generate."""
+    T = transformers
+    torch.manual_seed(0)
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                 num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = []
+    for _ in range(8):
+        ids = torch.randint(3, 100, (2, 16), generator=g)
+        calib.append({"input_ids": ids, "decoder_input_ids": ids[:, :8]})
+    small = sp.transform(t5, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0,
+                         overrides={"encoder.block.0.layer.1.DenseReluDense.wo": 8})
+    p = small.sketchpass_plan
+    assert isinstance(small.encoder.block[0].layer[1].DenseReluDense.wo, sp.LowRankLinear)
+    assert p.achieved()["params"] <= 0.8 + 1e-9 and 1 / 3 < p.verify["ratio"] < 3
+    assert small.generate(input_ids=calib[0]["input_ids"][:1], max_new_tokens=4).shape[0] == 1
+
+    torch.manual_seed(0)
+    vit = T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                  intermediate_size=64, image_size=32, patch_size=8,
+                                                  num_labels=10)).eval()
+    images = [{"pixel_values": torch.randn(2, 3, 32, 32, generator=g)} for _ in range(8)]
+    small = sp.transform(vit, sp.Budget(params=0.8), calib=images, method="svd", rounds=0,
+                         overrides={"vit.embeddings.patch_embeddings.projection": 8})
+    assert isinstance(small.vit.embeddings.patch_embeddings.projection, sp.LowRankConv2d)
+    with torch.no_grad():
+        assert small(**images[0]).logits.shape == (2, 10)
+    assert small.sketchpass_plan.verify["measured"] > 0

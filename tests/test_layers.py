@@ -143,6 +143,22 @@ def test_low_rank_chains(cls, dense, x):
     ref = (F.linear(x, lr.materialize(), lr[1].bias) if cls is sp.LowRankLinear
            else F.conv2d(x, lr.materialize(), lr[1].bias, 2, 1, 1, 2))
     torch.testing.assert_close(lr(x), ref, atol=1e-5, rtol=1e-5)
+    # what code written for the dense layer reads of it: its sizes, bias and (formed when read) weight
+    assert lr.weight.shape == dense.weight.shape and lr.weight.dtype == dense.weight.dtype
+    torch.testing.assert_close(lr.weight, lr.materialize())
+    assert lr.bias is lr[1].bias
+    names = ("in_features", "out_features") if cls is sp.LowRankLinear else \
+        ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    assert all(getattr(lr, n) == getattr(dense, n) for n in names)
+    assert "weight" not in dict(lr.named_parameters()) and not any(k == "weight" for k in lr.state_dict())
+
+
+def test_sketch_layers_show_their_dense_weight():
+    sk = sp.SKLinear.from_dense(nn.Linear(20, 16), k=4)
+    assert sk.weight.shape == (16, 20)
+    torch.testing.assert_close(sk.weight, sk.materialize())
+    conv = sp.SKConv2d.from_dense(nn.Conv2d(8, 12, 3), k=4)
+    assert conv.weight.shape == (12, 8, 3, 3) and "weight" not in conv.state_dict()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -26,8 +26,16 @@ def _calib():
     return [{"input_ids": torch.randint(0, 96, (2, 16), generator=g)} for _ in range(8)]
 
 
-def _offload(model, how, folder):
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
+
+
+def _offload(model, how, folder, tensors: list | None = None):
+    """``model`` offloaded ``how``; ``tensors`` receives its tensors from before (a CPU weights map and the modules
+    kept in memory hold these; the list keeps them alive, so that no storage address is reused)."""
     m = copy.deepcopy(model)
+    if tensors is not None:
+        tensors += list(m.state_dict().values())
     if how == "cpu":
         accelerate.cpu_offload(m, execution_device="cpu")
     elif how == "disk":
@@ -43,7 +51,8 @@ def _offload(model, how, folder):
 def test_offloaded_model_compresses_as_the_model_in_place(how, tmp_path):
     model, calib = _llama(), _calib()
     ref = sp.transform(model, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0)
-    off = _offload(model, how, tmp_path / "offload")
+    users = []
+    off = _offload(model, how, tmp_path / "offload", users)
     q = off.model.layers[1].self_attn.q_proj
     assert q.weight.device.type == "meta" and hasattr(q, "_hf_hook")
     small = sp.transform(off, sp.Budget(params=0.8), calib=calib, method="svd", rounds=0)
@@ -57,6 +66,9 @@ def test_offloaded_model_compresses_as_the_model_in_place(how, tmp_path):
     assert not any(hasattr(m, "_hf_hook") for m in small.modules())
     assert all(t.device.type == "cpu" for t in small.parameters())
     assert small.lm_head.weight is small.model.embed_tokens.weight
+    # nor does it share a tensor with the user's model (its weights maps, its modules in memory): training the
+    # result must not change the model it came from
+    assert users and not _storages(users) & _storages([*small.parameters(), *small.buffers()])
     out = small.generate(input_ids=calib[0]["input_ids"][:1, :4], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
     # the user's model is as it was: offloaded, hooked, the same outputs
@@ -85,3 +97,87 @@ def test_an_offloaded_tensor_missing_from_its_weights_map_is_refused():
     with pytest.raises(ValueError, match=r"accelerate offloaded 'weight' of Linear but its weights map does not hold "
                                          r"it: the model's weights cannot be gathered"):
         sp.plan(off, sp.Budget(params=0.8), calib=_calib())
+
+
+_BIG = r"""
+import sys, torch
+from torch import nn
+sys.path.insert(0, {here!r})
+from test_blocks import Block
+
+
+class Big(nn.Module):  # 100 M parameters (400 MB), nearly all of them in an embedding the pass leaves alone
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(200_000, 500)
+        self.proj = nn.Linear(500, 32)
+        self.blocks = nn.ModuleList(Block(32) for _ in range(4))
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, ids):
+        h = self.proj(self.emb(ids))
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h)
+"""
+
+_PEAK = _BIG + r"""
+import threading, time, accelerate
+import sketchpass as sp
+torch.set_num_threads(1)
+
+
+def anon_mb():  # resident anonymous memory: what the process allocated (not the page cache of files it maps)
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+
+
+peak, done = [0], threading.Event()
+
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_mb())
+        time.sleep(0.002)
+
+
+threading.Thread(target=sample, daemon=True).start()
+if {folder!r}:  # the offload folder written before: the weights are read from it, never all in memory at once
+    with accelerate.init_empty_weights():
+        model = Big().eval()
+    accelerate.disk_offload(model, {folder!r}, execution_device="cpu")
+else:
+    torch.manual_seed(0)
+    model = Big().eval()
+g = torch.Generator().manual_seed(0)
+calib = [torch.randint(0, 200_000, (8, 5), generator=g) for _ in range(3)]
+plan = sp.plan(model, sp.Budget(params=0.99995), calib=calib, method="svd", holdout=0, progress=False, blocks="on",
+               capture="modules")
+assert plan.calib["mode"] == "blocks"
+done.set()
+print(max(peak[0], anon_mb()))
+"""
+
+
+def test_a_disk_offloaded_model_is_held_once(tmp_path):
+    """The pass over a disk-offloaded model holds its weights once (the gathered copy, which its working copy
+    shares): its peak is below that of the same model in memory, where the pass holds the user's weights and its
+    own copy of them — measured as each process's peak resident anonymous memory (sampled every 2 ms; reading an
+    offload folder maps its files, whose page cache is not the pass's memory)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    ns: dict = {}
+    exec(_BIG.format(here=here), ns)
+    torch.manual_seed(0)
+    accelerate.utils.offload_state_dict(str(tmp_path), ns["Big"]().state_dict())
+    rss = {}
+    for folder in ("", str(tmp_path)):
+        out = subprocess.run([sys.executable, "-c", _PEAK.format(here=here, folder=folder)], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rss[bool(folder)] = int(out.stdout.split()[-1])
+    assert rss[True] < rss[False] - 250, rss  # most of the 400 MB of the second copy

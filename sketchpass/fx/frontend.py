@@ -102,8 +102,10 @@ class TorchFrontend:
             raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                             f"{type(model).__name__}")
         self._offload_note = None
+        self._owned = False  # self.model is the pass's own copy (its working copy may share its tensors)
         if hooked(model):  # accelerate-dispatched or offloaded: the pass works on a gathered CPU copy
             model, self._offload_note = gathered(model)
+            self._owned = True
         real_tensors(model)
         self.model, self.o = model, o
         self.metric = metric_of("kl" if o.metric == "auto" and is_language_model(model) else
@@ -142,7 +144,7 @@ class TorchFrontend:
         return self._data
 
     def prepare(self, first) -> None:
-        self.cap = capture(self.model, self.mode, example=first)
+        self.cap = capture(self.model, self.mode, example=first, owned=self._owned)
         self.cap.model.eval()
         self.capture = self.cap.capture
         self._sites = find_sites(self.cap)

@@ -5,11 +5,13 @@ Such a model's offloaded weights are not in its modules: they sit on the ``meta`
 ``AlignDevicesHook`` on the module loads them from its ``weights_map`` (CPU tensors, or memory-mapped files of
 an offload folder) for each forward and drops them after.  The pass needs real weights (it reads every
 layer's weight to fit it, runs blocks alone, copies modules), so it works on a **gathered copy**: the model
-copied with its hooks shared rather than copied (a CPU weights map is not duplicated), every tensor still on
-``meta`` filled from its hook's weights map, the hooks removed from the copy and every tensor moved to the
-CPU.  The user's model is not modified (it keeps its hooks and its offloaded weights).  Weights offloaded to
-CPU are shared with the copy, not copied; weights offloaded to disk are read into memory once — the CPU
-must hold the model.  The compressed model is returned without hooks, on the CPU."""
+copied with its hooks shared rather than copied (a weights map is not duplicated wholesale), every tensor still
+on ``meta`` filled with a copy of its value in its hook's weights map, the hooks removed from the copy and every
+tensor moved to the CPU.  The user's model is not modified (it keeps its hooks and its offloaded weights), and
+shares no tensor with the result.  The gathered copy is the pass's own, so its working copy shares its tensors
+(:func:`sketchpass.fx.trace.capture` with ``owned``) instead of copying them again: the pass holds the weights
+once — read from disk, copied from the CPU weights map or from the GPUs — and the CPU must hold them.  The
+compressed model is returned without hooks, on the CPU."""
 
 from __future__ import annotations
 
@@ -29,10 +31,33 @@ def _align_hooks(hook) -> list:
     return [h for h in hooks if hasattr(h, "weights_map")]
 
 
+def _read_fresh(weights_map, name: str) -> bool:
+    """Does reading ``name`` from ``weights_map`` give a new tensor (read from an offload folder's file), rather
+    than one the map holds (a CPU weights map is the user's own tensors)?"""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    key = name
+    while isinstance(weights_map, PrefixedDataset):
+        key = weights_map.prefix + key
+        weights_map = weights_map.dataset
+    return isinstance(weights_map, OffloadedWeightsLoader) and key not in weights_map.state_dict
+
+
+def _put(module: nn.Module, name: str, value) -> None:
+    """Set the parameter or buffer ``name`` (dotted) of ``module`` to ``value`` itself, without a copy (accelerate's
+    ``set_module_tensor_to_device`` copies it once more: a second copy of the largest tensor at the peak)."""
+    path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = value.to(owner._buffers[leaf].dtype)
+
+
 def gathered(model: nn.Module) -> tuple[nn.Module, str]:
     """A hook-free CPU copy of an ``accelerate``-managed model, and a note for the plan (module docstring)."""
     from accelerate.hooks import remove_hook_from_module
-    from accelerate.utils import set_module_tensor_to_device
 
     memo = {}
     for m in model.modules():
@@ -53,7 +78,13 @@ def gathered(model: nn.Module) -> tuple[nn.Module, str]:
                     if name not in h.weights_map:
                         raise ValueError(f"accelerate offloaded {name!r} of {type(m).__name__} but its weights map "
                                          "does not hold it: the model's weights cannot be gathered")
-                    set_module_tensor_to_device(m, name, "cpu", value=h.weights_map[name])
+                    # a copy, unless read afresh from a file: a CPU weights map holds the user's own tensors, which
+                    # what the pass hands back (the compressed model keeps the dense layers' weights of this copy)
+                    # must not share
+                    value = h.weights_map[name]
+                    if not _read_fresh(h.weights_map, name):
+                        value = value.clone()
+                    _put(m, name, value.to("cpu"))
                     offloaded += 1
     # the hooks go without detach_hook (which would put offloaded weights back on their original device):
     # remove_hook_from_module then only restores every module's own forward

@@ -99,15 +99,18 @@ def linearise(work: nn.Module) -> tuple[list[str], list[str]]:
     return done, notes
 
 
-def capture(model: nn.Module, mode: str = "auto", example=None) -> Captured:
+def capture(model: nn.Module, mode: str = "auto", example=None, owned: bool = False) -> Captured:
     """``mode``: ``"auto"`` (fx, falling back to modules), ``"fx"`` (fail if it cannot trace) or
-    ``"modules"``.  With an ``example`` batch the traced graph is checked against the model."""
+    ``"modules"``.  With an ``example`` batch the traced graph is checked against the model.  The working copy
+    is a deep copy of ``model`` — the user's model must not share a tensor with what the pass hands back —
+    unless ``owned`` (``model`` is already the pass's own copy, e.g. gathered from offloaded weights): then it
+    shares ``model``'s tensors, and the pass holds the weights once."""
     if mode not in ("auto", "fx", "modules"):
         raise ValueError(f"capture must be 'auto', 'fx' or 'modules', got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                         f"{type(model).__name__}")
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())} if owned else None)
     transposed, tnotes = linearise(work)
     cap = _capture(model, work, mode, example)
     cap.transposed = transposed
