@@ -21,8 +21,8 @@ def export(model, example, dynamic=True):
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # dynamo=True needs onnxscript, which is not a dependency: the TorchScript exporter names nodes and
-        # initializers by module path, which is what the layer names are derived from
+        # the TorchScript exporter names nodes and initializers by module path, which is what the layer names
+        # are derived from (the dynamo exporter's names: test_torch_plan_applies_to_a_dynamo_export)
         torch.onnx.export(model, (example,), f, dynamo=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None)
     return onnx.load_from_string(f.getvalue())
@@ -81,6 +81,32 @@ def test_torch_plan_applies_to_onnx_export(method, refit):
         if lp.decision.method != "dense":
             assert lp.decision.measured_error == pytest.approx(small_t.sketchpass_plan[lp.spec.name].decision
                                                                .measured_error, rel=1e-3, abs=1e-9)
+
+
+def test_torch_plan_applies_to_a_dynamo_export(tmp_path):
+    """torch.onnx.export(dynamo=True) (onnxscript) names nodes ``node_MatMul_37`` and the transposed weights of
+    MatMul ``val_38``: the layers take their names from its ``pkg.torch.onnx.name_scopes`` metadata, so a torch
+    plan applies to that export too, to the same function."""
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = Net().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    p = sp.plan(model, sp.Budget(params=0.5), calib=calib, method="svd")
+    f = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (calib[0],), str(f), dynamo=True, input_names=["x"], output_names=["y"],
+                          dynamic_shapes=({0: torch.export.Dim("N")},), verbose=False)
+    m = onnx.load(str(f))
+    matmuls = [n for n in m.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(n.name.startswith("node_") for n in matmuls)  # the premise: no scope in the names
+    assert {s.name for s in spx.find_sites(__import__("onnx_graphsurgeon").import_onnx(m), m)} == set(p.names())
+    small_o = spx.apply(m, sp.Plan.from_json(p.to_json()), calib=[{"x": c} for c in calib])
+    small_t = sp.apply(model, p, calib=calib)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        ref = small_t(x).numpy()
+    np.testing.assert_allclose(ort_run(small_o, x), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
 def test_onnx_plan_names_match_torch_and_data_free():

@@ -18,8 +18,10 @@ subgraphs, which are never rewritten.
 
 Layer names follow the torch module path so that a torch plan applies to the model's export: the
 weight's name when it is ``<path>.weight``, else the exporter's node scope
-(``/encoder/layer.0/attention/self/query/MatMul`` → ``encoder.layer.0.attention.self.query``), else
-the node name, the weight's name or the output name (made unique).
+(``/encoder/layer.0/attention/self/query/MatMul`` → ``encoder.layer.0.attention.self.query``; the
+``dynamo=True`` exporter's ``pkg.torch.onnx.name_scopes`` node metadata, whose nodes are named
+``node_MatMul_37`` and whose transposed weights ``val_38``), else the node name, the weight's name or the
+output name (made unique).
 """
 
 from __future__ import annotations
@@ -72,10 +74,33 @@ def scope_path(node_name: str) -> str | None:
     return path
 
 
-def layer_name(node: gs.Node, weight_name: str) -> str:
+def module_scopes(model: onnx.ModelProto) -> dict[str, str]:
+    """``{node name: torch module path}`` from the ``pkg.torch.onnx.name_scopes`` metadata that
+    ``torch.onnx.export(..., dynamo=True)`` writes on every node (``['', 'encoder', 'encoder.layer.0', ...,
+    'encoder.layer.0.attention.self.query', 'linear']``: the last entry is the op, the one before its module)."""
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in OPS or not node.name:
+            continue
+        for prop in getattr(node, "metadata_props", ()):
+            if prop.key != "pkg.torch.onnx.name_scopes":
+                continue
+            try:
+                import ast
+
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) and scopes[-2]:
+                out[node.name] = scopes[-2]
+            break
+    return out
+
+
+def layer_name(node: gs.Node, weight_name: str, scopes: dict[str, str] | None = None) -> str:
     if weight_name.endswith(".weight"):
         return weight_name[: -len(".weight")]
-    scoped = scope_path(node.name or "")
+    scoped = scope_path(node.name or "") or (scopes or {}).get(node.name or "")
     if scoped:
         return scoped
     if node.name:
@@ -257,6 +282,7 @@ def find_sites(graph: gs.Graph, model: onnx.ModelProto) -> list[Site]:
     to_fold = sorted({w.name for _, _, w, r, where in candidates
                       if r is None and where is None and not isinstance(w, gs.Constant)})
     folded = fold(model, to_fold)
+    scopes = module_scopes(model)
     sites, names = [], set()
     for node, kind, w, reason, _where in candidates:
         values = None
@@ -264,7 +290,7 @@ def find_sites(graph: gs.Graph, model: onnx.ModelProto) -> list[Site]:
             values = np.asarray(w.values)
         elif w.name in folded:
             values = folded[w.name]
-        name = layer_name(node, w.name)
+        name = layer_name(node, w.name, scopes)
         base, i = name, 1
         while name in names:
             i += 1
