@@ -987,6 +987,12 @@ def close_loop(fe: Frontend, sites: list[Site], plan: Plan, choices: list[Choice
             current.latency = {**(current.latency or {}), "measured": m, "predicted_ms": pred_ms,
                                "requested_ms": limit, "met": lat_ok}
         rounds.append(rec)
+        if ver["measured"] is not None and not math.isfinite(ver["measured"]):
+            bad = [lp.spec.name for lp in current.layers if lp.decision.measured_error is not None
+                   and not math.isfinite(lp.decision.measured_error)]
+            raise RuntimeError(f"the compressed model's outputs on the held-out batches are not finite (measured "
+                               f"output error {ver['measured']}) in round {len(rounds) - 1} of the verify loop: a "
+                               f"factored layer gives inf/NaN" + (f" (first: {', '.join(bad[:3])})" if bad else ""))
         if ver["measured"] is not None:
             current.totals["measured_output_error"] = ver["measured"]
         results.append((ver["measured"], current, emitted, within(ratio, o.tolerance), lat_ok))

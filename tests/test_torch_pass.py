@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -486,3 +487,89 @@ def test_one_rademacher_probe_estimates_the_exact_gain():
         exact = float(y.square().sum()) * J2 / (y.numel() * float(f.square().sum()))
     name = sites[0].name
     assert abs(got[name] / exact - 1) < 0.05, (got[name], exact)
+
+
+class _ZeroGammaBlock(nn.Module):
+    """A residual block whose last BatchNorm has γ = 0 on ``zeroed`` of its channels (timm's zero-initialised
+    last BN when all of them; a channel-pruned network when some)."""
+
+    def __init__(self, c, zeroed):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        with torch.no_grad():
+            self.b2.weight[:zeroed] = 0
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+@pytest.mark.parametrize("zeroed", [16, 8])
+def test_a_batchnorm_that_zeroes_channels_gives_finite_factors(zeroed):
+    """A conv's error is weighed after its BatchNorm; channels the BatchNorm zeroes must not turn its fit into
+    0/0: the factors stay finite and the compressed model is measured like any other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _ZeroGammaBlock(16, zeroed), _ZeroGammaBlock(16, zeroed),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(4, 3, 12, 12))
+    model.eval()
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(8)]
+    small = sp.transform(model, sp.Budget(params=0.6), calib=calib, method="svd", rounds=0,
+                         overrides={"1.c2": 4, "2.c2": 4})
+    for name in ("1.c2", "2.c2"):
+        assert all(bool(torch.isfinite(p).all()) for p in small.get_submodule(name).parameters())
+    p = small.sketchpass_plan
+    assert math.isfinite(p.verify["measured"]) and p.achieved()["params"] <= 0.6 + 1e-9
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        assert bool(torch.isfinite(small(x)).all())
+
+
+def test_a_compressed_model_with_non_finite_outputs_is_refused(monkeypatch):
+    import sketchpass.pipeline as pipeline
+
+    real = pipeline.factor_module
+
+    def broken(*a, **k):
+        mod = real(*a, **k)
+        mod.register_forward_hook(lambda m, i, o: o * float("nan"))
+        return mod
+
+    monkeypatch.setattr(pipeline, "factor_module", broken)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.raises(RuntimeError, match=r"the compressed model's outputs on the held-out batches are not finite "
+                                           r"\(measured output error nan\) in round 0 of the verify loop: a "
+                                           r"factored layer gives inf/NaN \(first: "):
+        sp.transform(model, sp.Budget(params=0.6), calib=[torch.randn(8, 16) for _ in range(8)], method="svd")
+
+
+class _ParamSliceInput(nn.Module):
+    """A module called on a slice of a parameter (DeBERTa-v2: ``LayerNorm(rel_embeddings.weight)``) and a
+    data-dependent branch (no fx graph: modules capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel, self.ln = nn.Embedding(8, 32), nn.LayerNorm(32)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        r = self.ln(self.rel.weight[0:4])
+        if x.sum() > 1e9:
+            x = x * 2
+        return self.fc2(torch.relu(self.fc1(x + r.mean(0))))
+
+
+def test_a_module_called_on_a_parameter_slice_is_counted():
+    """torch's FLOP counter hooks the gradients of module inputs that require one and fails on a parameter's slice:
+    the MACs are counted with the weights frozen (and the user's model keeps its requires_grad)."""
+    torch.manual_seed(0)
+    model = _ParamSliceInput().eval()
+    small = sp.transform(model, sp.Budget(params=0.8), calib=[torch.randn(2, 32) for _ in range(8)], method="svd")
+    p = small.sketchpass_plan
+    assert p.achieved()["params"] <= 0.8 + 1e-9 and 0 < p.achieved()["flops"] < 1
+    assert math.isfinite(p.verify["measured"])
+    assert all(q.requires_grad for q in model.parameters())

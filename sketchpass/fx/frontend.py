@@ -229,7 +229,12 @@ class TorchFrontend:
                 b = site.bias.double() if site.bias is not None else torch.zeros_like(s)
                 beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(s)
                 site.bias = (b - bn.running_mean.double()) * s + beta
-            site.extra["out_scale"] = s
+            # a channel the BatchNorm zeroes (γ = 0: timm's zero-initialised last BN of a residual block, a pruned
+            # channel) does not reach the output whatever the conv gives it: its weight is floored, so that the fits
+            # (which divide by it) stay finite and weigh it next to nothing; all of them zero: the fit is unweighted
+            top = float(s.abs().max())
+            floor = 1e-6 * top if top > 0 else 1.0
+            site.extra["out_scale"] = torch.where(s.abs() < floor, torch.full_like(s, floor), s)
             site.extra["out_module"] = u.target
             count += 1
         return count

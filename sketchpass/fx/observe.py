@@ -87,9 +87,18 @@ def observe_batch(model: nn.Module, sites: list[Site], module_of: Callable[[Site
 
 
 def model_macs(model: nn.Module, batch) -> int:
-    """Whole-model MACs per sample (torch's FLOP counter / 2) on one sample of ``batch``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        call_model(model, slice_batch(batch, 1))
+    """Whole-model MACs per sample (torch's FLOP counter / 2) on one sample of ``batch``.  The weights are frozen
+    while it counts: the counter's module tracker hooks the gradients of module inputs that require one, and
+    fails on a module called on a slice of a parameter (DeBERTa-v2's ``LayerNorm(rel_embeddings.weight)``)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, slice_batch(batch, 1))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return int(counter.get_total_flops() // 2)
 
 
