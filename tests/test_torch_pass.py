@@ -573,3 +573,45 @@ def test_a_module_called_on_a_parameter_slice_is_counted():
     assert p.achieved()["params"] <= 0.8 + 1e-9 and 0 < p.achieved()["flops"] < 1
     assert math.isfinite(p.verify["measured"])
     assert all(q.requires_grad for q in model.parameters())
+
+
+class _TorchEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)))
+
+
+def test_torch_transformer_encoder_layers_are_factored_and_run():
+    """nn.TransformerEncoderLayer in eval mode without autograd calls a fused kernel on linear1/linear2's weights
+    instead of the modules (and fx keeps it a leaf): its feed-forward layers must still be seen, factored, and
+    run as factored in the compressed model."""
+    torch.manual_seed(0)
+    model = _TorchEncoder().eval()
+    calib = [torch.randn(2, 12, 16) for _ in range(8)]
+    small = sp.transform(model, sp.Budget(params=0.7), calib=calib, method="svd", rounds=0,
+                         overrides={"enc.layers.0.linear1": 16})
+    p = small.sketchpass_plan
+    assert p["enc.layers.0.linear1"].decision.method == "svd" and p.achieved()["params"] <= 0.7 + 1e-9
+    assert any("nn.TransformerEncoderLayer(s): their fused inference path" in n for n in p.notes)
+    assert isinstance(small.enc.layers[0].linear1, sp.LowRankLinear)
+    assert small.enc.layers[0].activation_relu_or_gelu is False  # fused path off where a layer is factored
+    assert all(layer.activation_relu_or_gelu for layer in model.enc.layers)  # the user's model as it was
+    x = torch.randn(3, 12, 16)
+    with torch.no_grad():
+        out = small(x)
+        slow = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            ref = small(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(slow)
+        dense = model(x)
+    torch.testing.assert_close(out, ref)
+    num = float((out - dense).square().sum() / dense.square().sum())
+    assert math.isfinite(p.verify["measured"]) and 0 < num

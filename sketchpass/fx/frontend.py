@@ -58,7 +58,7 @@ from .blocks import (
 from .match import find_sites
 from .offload import gathered, hooked, real_tensors
 from .rewrite import Segments, set_module
-from .trace import capture
+from .trace import capture, fast_path_off
 
 
 def _split(batch, n: int):
@@ -85,6 +85,14 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
     never writes a tensor, so the layers it keeps dense need no second copy of their weights."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _input_of(model: nn.Module, module: nn.Module, batch):
@@ -570,6 +578,13 @@ class TorchFrontend:
         for path in self.cap.transposed:  # kept dense: the user's own (transposed-weight) module, as it was
             if path not in self._replaced and isinstance(small.get_submodule(path), nn.Linear):
                 set_module(small, path, copy.deepcopy(self.model.get_submodule(path)))
+        # nn.TransformerEncoderLayer's fused inference path would bypass a factored linear1/linear2: off where
+        # one is, as the user's model has it elsewhere (:func:`.trace.fast_path_off`)
+        for name, mod in small.named_modules():
+            if isinstance(mod, nn.TransformerEncoderLayer):
+                own = self.model.get_submodule(name) if _has_module(self.model, name) else None
+                mod.activation_relu_or_gelu = getattr(own, "activation_relu_or_gelu", False)
+        fast_path_off(small, list(self._replaced))
         small.train(self.model.training)
         attach_plan(small, plan)
         return small

@@ -99,6 +99,38 @@ def linearise(work: nn.Module) -> tuple[list[str], list[str]]:
     return done, notes
 
 
+# torch.nn modules that fx keeps as leaves (one call_module node) although they hold nn.Linear layers of their own
+# that a graph traced through them calls as modules; nn.MultiheadAttention stays a leaf (its projections are read
+# through their weights, not called: kept dense, SkipReason.ATTENTION_INTERNAL)
+TRACED_THROUGH = (nn.Transformer, nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
+                  nn.TransformerDecoderLayer)
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return False if isinstance(m, TRACED_THROUGH) else super().is_leaf_module(m, qualname)
+
+
+def _trace(work: nn.Module) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(work)
+    return torch.fx.GraphModule(tracer.root, graph, type(work).__name__)
+
+
+def fast_path_off(model: nn.Module, paths) -> int:
+    """Turn off the fused inference path of every ``nn.TransformerEncoderLayer`` of ``model`` that holds one of
+    ``paths`` (all of them: ``None``).  That path (eval mode, no autograd) reads ``linear1``/``linear2``'s weights
+    and calls a fused kernel instead of the modules: a factored layer there would not run (its weight property
+    would be materialised each call).  The layer's own slow path computes the same function."""
+    count = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and (
+                paths is None or any(p.startswith(name + ".") for p in paths)):
+            mod.activation_relu_or_gelu = False  # one of the conditions the fast path requires
+            count += 1
+    return count
+
+
 def capture(model: nn.Module, mode: str = "auto", example=None, owned: bool = False) -> Captured:
     """``mode``: ``"auto"`` (fx, falling back to modules), ``"fx"`` (fail if it cannot trace) or
     ``"modules"``.  With an ``example`` batch the traced graph is checked against the model.  The working copy
@@ -111,7 +143,12 @@ def capture(model: nn.Module, mode: str = "auto", example=None, owned: bool = Fa
         raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                         f"{type(model).__name__}")
     work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())} if owned else None)
+    fused = fast_path_off(work, None)  # the working copy calls every layer as a module, so the pass sees them
     transposed, tnotes = linearise(work)
+    if fused:
+        tnotes.append(f"{fused} nn.TransformerEncoderLayer(s): their fused inference path (which reads "
+                      "linear1/linear2's weights instead of calling them) is off in the pass, and in the compressed "
+                      "model where one of them is factored")
     cap = _capture(model, work, mode, example)
     cap.transposed = transposed
     cap.notes = tnotes + cap.notes
@@ -124,7 +161,7 @@ def _capture(model: nn.Module, work: nn.Module, mode: str, example) -> Captured:
     if isinstance(work, torch.fx.GraphModule):
         return Captured(work, "fx")
     try:
-        gm = torch.fx.symbolic_trace(work)
+        gm = _trace(work)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
         if mode == "fx":
             raise ValueError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
