@@ -32,13 +32,17 @@ import torch
 METRICS = ("auto", "mse", "kl")
 
 
+def covers(t: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Is ``mask`` (:func:`sketchpass.batches.token_mask`, ``(samples, tokens)``) the token mask of ``t``: does
+    ``t`` have a feature axis after its first two, and are those the mask's?"""
+    return mask is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.shape)
+
+
 def real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The positions of ``t`` that hold real tokens: ``t[mask]`` (``(real positions, ...)``) when ``mask``
-    (:func:`sketchpass.batches.token_mask`, ``(samples, tokens)``) matches ``t``'s first two axes, else ``t``
-    itself (an output without a token axis: a pooled embedding, a class score)."""
-    if mask is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.shape):
-        return t[mask.to(t.device)]
-    return t
+    :func:`covers` ``t``, else ``t`` itself (an output without a token axis: a pooled embedding, a class
+    score)."""
+    return t[mask.to(t.device)] if covers(t, mask) else t
 
 
 class Metric:
@@ -88,7 +92,7 @@ class Metric:
 
 
 def _zero_padding(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is not None and v.dim() >= 3 and tuple(v.shape[:2]) == tuple(mask.shape):
+    if covers(v, mask):
         keep = mask.to(device=v.device, dtype=v.dtype).reshape(*mask.shape, *([1] * (v.dim() - 2)))
         return v * keep
     return v

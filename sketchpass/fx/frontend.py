@@ -14,7 +14,7 @@ chained (:mod:`.blocks`) — the plan's notes say which mode was used, and why.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -58,7 +58,7 @@ from .blocks import (
 from .match import find_sites
 from .offload import gathered, hooked, real_tensors
 from .rewrite import Segments, set_module
-from .trace import capture, fast_path_off
+from .trace import capture
 
 
 def _split(batch, n: int):
@@ -85,6 +85,18 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
     never writes a tensor, so the layers it keeps dense need no second copy of their weights."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+class _Pair(NamedTuple):
+    """The last pair :meth:`TorchFrontend.site_inputs` returned, with what it was made from (holding its tensors,
+    so that no ``is`` test below can meet a reused id)."""
+
+    env: Any
+    x: torch.Tensor
+    xh: torch.Tensor
+    group: tuple  # (the block's input group of the layer, original=)
+    d_in: int
+    pair: tuple
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
@@ -131,7 +143,7 @@ class TorchFrontend:
         self._group: dict[str, tuple[int, int]] = {}
         self._step_block: list[int | None] = []
         self._records: Store | None = None  # :meth:`_record`
-        self._memo = None  # the last pair site_inputs returned, with what it was made from
+        self._memo: _Pair | None = None  # the last pair site_inputs returned
 
     # ----------------------------------------------------------------- data and capture
     def calib(self, calib, o: Options) -> Calib:
@@ -520,10 +532,10 @@ class TorchFrontend:
             mask = self._mask(env["batch"])
             x = self._original_block(env, i)[1].get(site.ref)
             m = self._memo
-            if m is not None and m[0] is env and m[1] is x and site.ref in self._group \
-                    and m[3] == (self._group[site.ref], original) \
-                    and m[4] == site.spec.d_in and site.spec.op == "linear":
-                return m[5]  # a layer of the step that reads the same input as the one before: the same pair
+            if m is not None and m.env is env and m.x is x and site.ref in self._group \
+                    and m.group == (self._group[site.ref], original) and m.d_in == site.spec.d_in \
+                    and site.spec.op == "linear":
+                return m.pair  # a layer of the step that reads the same input as the one before: the same pair
             if original or (env["n"] is env["o"] and not self._replaced_in(i)):
                 xh = x
             else:
@@ -542,14 +554,14 @@ class TorchFrontend:
             if xh is None:
                 return None
         m = self._memo
-        if m is not None and m[0] is env and m[1] is x and m[2] is xh and m[4] == site.spec.d_in \
+        if m is not None and m.env is env and m.x is x and m.xh is xh and m.d_in == site.spec.d_in \
                 and site.spec.op == "linear":
-            return m[5]
+            return m.pair
         inp = fo.layer_input(site, mod, x, None, mask)
         pair = inp, (inp if xh is x else fo.layer_input(site, mod, xh, None, mask))
         # layers that read the very same input (q/k/v of one hidden state) get the very same pair: the refit
         # accumulates their statistics from one product (the memo holds its tensors, so no id is reused)
-        self._memo = (env, x, xh, (self._group.get(site.ref), original), site.spec.d_in, pair)
+        self._memo = _Pair(env, x, xh, (self._group.get(site.ref), original), site.spec.d_in, pair)
         return pair
 
     def replace(self, site: Site, module: nn.Module) -> None:
@@ -582,9 +594,9 @@ class TorchFrontend:
         # one is, as the user's model has it elsewhere (:func:`.trace.fast_path_off`)
         for name, mod in small.named_modules():
             if isinstance(mod, nn.TransformerEncoderLayer):
+                factored = any(p.startswith(name + ".") for p in self._replaced)
                 own = self.model.get_submodule(name) if _has_module(self.model, name) else None
-                mod.activation_relu_or_gelu = getattr(own, "activation_relu_or_gelu", False)
-        fast_path_off(small, list(self._replaced))
+                mod.activation_relu_or_gelu = not factored and getattr(own, "activation_relu_or_gelu", False)
         small.train(self.model.training)
         attach_plan(small, plan)
         return small

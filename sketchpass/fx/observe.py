@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..batches import call_model, output_tensors, slice_batch
 from ..batches import output_tensors as _tensors
 from ..calib import same_padding
-from ..metric import Metric
+from ..metric import Metric, covers, real
 from ..site import LayerInput, Site
 
 
@@ -39,10 +39,7 @@ def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | N
     spec = site.spec
     if spec.op == "linear":
         positions = x.numel() // spec.d_in
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            rows = x[mask.to(x.device)]
-        else:
-            rows = x.reshape(-1, spec.d_in)
+        rows = real(x, mask) if x.dim() == 3 and covers(x, mask) else x.reshape(-1, spec.d_in)
         return LayerInput(rows, x.shape[0] if x.dim() > 1 else 1, positions, positions, tuple(x.shape), x.dtype)
     n = x.shape[0]
     pad = mod.padding
@@ -191,11 +188,9 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
         def hook(module, inputs, output):
             z = torch.zeros_like(output, requires_grad=True)
             zs.setdefault(site.name, []).append(z)
-            m = cur["mask"]
-            real = output[m.to(output.device)] if m is not None and output.dim() == 3 and \
-                tuple(output.shape[:2]) == tuple(m.shape) else output
-            ysq[site.name] += _sq(real)
-            numel[site.name] += real.numel()
+            kept = real(output, cur["mask"]) if output.dim() == 3 else output
+            ysq[site.name] += _sq(kept)
+            numel[site.name] += kept.numel()
             return output + z
 
         return hook

@@ -117,18 +117,15 @@ def _trace(work: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, type(work).__name__)
 
 
-def fast_path_off(model: nn.Module, paths) -> int:
-    """Turn off the fused inference path of every ``nn.TransformerEncoderLayer`` of ``model`` that holds one of
-    ``paths`` (all of them: ``None``).  That path (eval mode, no autograd) reads ``linear1``/``linear2``'s weights
-    and calls a fused kernel instead of the modules: a factored layer there would not run (its weight property
-    would be materialised each call).  The layer's own slow path computes the same function."""
-    count = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.TransformerEncoderLayer) and (
-                paths is None or any(p.startswith(name + ".") for p in paths)):
-            mod.activation_relu_or_gelu = False  # one of the conditions the fast path requires
-            count += 1
-    return count
+def fast_path_off(model: nn.Module) -> int:
+    """Turn off the fused inference path of every ``nn.TransformerEncoderLayer`` of ``model``; how many.  That path
+    (eval mode, no autograd) reads ``linear1``/``linear2``'s weights and calls a fused kernel instead of the
+    modules: the pass would not see them, and a factored layer there would not run (its weight property would be
+    materialised each call).  The layer's own slow path computes the same function."""
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    for mod in layers:
+        mod.activation_relu_or_gelu = False  # one of the conditions the fast path requires
+    return len(layers)
 
 
 def capture(model: nn.Module, mode: str = "auto", example=None, owned: bool = False) -> Captured:
@@ -143,7 +140,7 @@ def capture(model: nn.Module, mode: str = "auto", example=None, owned: bool = Fa
         raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                         f"{type(model).__name__}")
     work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())} if owned else None)
-    fused = fast_path_off(work, None)  # the working copy calls every layer as a module, so the pass sees them
+    fused = fast_path_off(work)  # the working copy calls every layer as a module, so the pass sees them
     transposed, tnotes = linearise(work)
     if fused:
         tnotes.append(f"{fused} nn.TransformerEncoderLayer(s): their fused inference path (which reads "

@@ -26,6 +26,7 @@ output name (made unique).
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass, field
 
@@ -86,8 +87,6 @@ def module_scopes(model: onnx.ModelProto) -> dict[str, str]:
             if prop.key != "pkg.torch.onnx.name_scopes":
                 continue
             try:
-                import ast
-
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 break
