@@ -180,4 +180,5 @@ def test_a_disk_offloaded_model_is_held_once(tmp_path):
                              text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         rss[bool(folder)] = int(out.stdout.split()[-1])
+    print(f"peak anonymous memory: {rss[False]} MB in memory, {rss[True]} MB disk-offloaded")  # pytest -s
     assert rss[True] < rss[False] - 250, rss  # most of the 400 MB of the second copy
