@@ -261,6 +261,7 @@ class Calib:
                  split: Callable[[Any, int], tuple[Any, Any]], holdout: int = 8, max_batches: int | None = None,
                  reiterable: bool = True, max_bytes: float = 1024 * 2**20):
         self._open, self._size, self._split = open, size, split
+        self.max_bytes = max_bytes
         self.holdout, self.max_batches = int(holdout), max_batches
         self.prepare: Callable[[Any], Any] | None = None
         self.notes: list[str] = []
@@ -344,6 +345,15 @@ class Calib:
     def head(self, batch, n: int):
         """The first ``n`` samples of ``batch`` (the batch itself when it has no more)."""
         return batch if self._size(batch) <= n else self._split(batch, n)[0]
+
+    def pieces(self, batch, per_sample_bytes: float) -> Iterator[Any]:
+        """``batch`` cut into consecutive pieces of whole samples whose ``per_sample_bytes`` stay within
+        ``max_bytes`` (at least one sample each); the batch itself when it fits."""
+        n = max(1, int(self.max_bytes // max(per_sample_bytes, 1)))
+        while self._size(batch) > n:
+            head, batch = self._split(batch, n)
+            yield head
+        yield batch
 
     def _select(self, want: str) -> Iterator[Any]:
         for role, batch in self._roles():

@@ -145,7 +145,9 @@ class Frontend(Protocol):
 
     # ----------------------------------------------------------------- verify
     def compare(self, emitted: Any, batch: Any, sites: list[Site]) -> tuple[list, list, dict]:
-        """``(outputs of the original, outputs of emitted, {site: (y, ŷ)})`` on ``batch`` (float tensors)."""
+        """Both models on ``batch``: the original's float outputs, the emitted model's, and ``{site: (num, den)}``
+        of each site's output (:func:`sketchpass.site.layer_error`, summed over its calls) where both models
+        called it as often."""
 
     def output_mask(self, batch: Any) -> Any:
         """The batch's real tokens, where the output error counts them only (:func:`sketchpass.metric.real`), or
@@ -383,6 +385,7 @@ def measure_sensitivities(fe: Frontend, sites: list[Site], kept: list, o: Option
     if not active or not kept:
         return
     sens: dict | str | None = None
+    how = None
     with section(D, "measuring sensitivities"):
         if D is None or D.rank == 0:  # data-parallel: measured on rank 0, broadcast
             try:
@@ -390,8 +393,11 @@ def measure_sensitivities(fe: Frontend, sites: list[Site], kept: list, o: Option
                     sens = fe.sensitivities(active, kept, o.probes, o.seed)
             except SensitivityUnavailable as exc:
                 sens = str(exc)
+            how = getattr(fe, "sensitivity_note", None)
     if D is not None:
-        sens = D.broadcast(sens)
+        sens, how = D.broadcast((sens, how))
+    if how:
+        notes.append(how)
     if isinstance(sens, str):
         notes.append(f"{sens}; every layer weighted equally")
         return
@@ -560,23 +566,6 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
 
 
 # --------------------------------------------------------------------------- verify
-def _signal(y: torch.Tensor, site: Site) -> float:
-    """``‖y − b‖²``: the layer's output energy without its own bias (the denominator of the relative
-    layer error; the same quantity as ``tr(W C Wᵀ)`` in the predicted error)."""
-    y = y.detach().double()
-    if site.bias is not None:
-        b = site.bias.detach().double()
-        axis = 1 if site.spec.op.startswith("conv") else y.dim() - 1
-        shape = [1] * y.dim()
-        shape[axis] = -1
-        y = y - b.reshape(shape)
-    return float(y.square().sum())
-
-
-def _sq(t: torch.Tensor) -> float:
-    return float(t.detach().double().square().sum())
-
-
 def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Calib, o: Options) -> dict:
     """Both models on the held-out batches: the measured output error of the model (``fe.metric``), and the
     relative error of every factored layer's output (recorded in the decisions)."""
@@ -586,22 +575,25 @@ def verify(fe: Frontend, emitted: Any, sites: list[Site], plan: Plan, data: Cali
     lden = {s.name: 0.0 for s in factored}
     samples = batches = 0
     D = world()
+    # the original model's outputs of every factored layer are held for the comparison: a held-out batch is
+    # compared in pieces within max_activation_mb (the errors are sums over samples)
+    per_sample = 4 * sum(s.spec.p_out * s.spec.d_out for s in factored)
     with progress_bar("verifying", None, o.progress) as adv, section(D, "verifying"):
         for batch in data.held_out():
-            ref, out, layers = fe.compare(emitted, batch, factored)
-            if len(ref) != len(out):
-                raise RuntimeError(f"the emitted model has {len(out)} float outputs, the original {len(ref)}")
-            for a, b in zip(ref, out):
-                if a.shape != b.shape:
-                    raise RuntimeError(f"the emitted model's output has shape {tuple(b.shape)}, the original's "
-                                       f"{tuple(a.shape)}")
-            n_, d_ = fe.metric.errors(ref, out, fe.output_mask(batch))
-            num, den = num + n_, den + d_
-            for s in factored:
-                if s.name in layers:
-                    y, yh = layers[s.name]
-                    lnum[s.name] += _sq(yh.double() - y.double())
-                    lden[s.name] += _signal(y, s)
+            for part in data.pieces(batch, per_sample):
+                ref, out, layers = fe.compare(emitted, part, factored)
+                if len(ref) != len(out):
+                    raise RuntimeError(f"the emitted model has {len(out)} float outputs, the original {len(ref)}")
+                for a, b in zip(ref, out):
+                    if a.shape != b.shape:
+                        raise RuntimeError(f"the emitted model's output has shape {tuple(b.shape)}, the original's "
+                                           f"{tuple(a.shape)}")
+                n_, d_ = fe.metric.errors(ref, out, fe.output_mask(part))
+                num, den = num + n_, den + d_
+                del ref, out
+                for name, (ln, ld) in layers.items():
+                    lnum[name] += ln
+                    lden[name] += ld
             n = data.size(batch)
             samples += n
             batches += 1

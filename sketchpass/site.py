@@ -60,3 +60,18 @@ class LayerInput:
     p_out: int
     shape: tuple | None = None  # the raw input's shape (what a standalone timing of the layer feeds it)
     dtype: torch.dtype | None = None
+
+
+def layer_error(y: torch.Tensor, yh: torch.Tensor, site: Site) -> tuple[float, float]:
+    """``(‖ŷ − y‖², ‖y − b‖²)`` of one output of a layer and of its replacement: the numerator and denominator of
+    the relative layer error the verify stage measures; the denominator is the output energy without the layer's
+    own bias (the same quantity as ``tr(W C Wᵀ)`` in the predicted error)."""
+    y = y.detach().double()
+    num = float((yh.detach().double() - y).square().sum())
+    if site.bias is not None:
+        b = site.bias.detach().double()
+        axis = 1 if site.spec.op.startswith("conv") else y.dim() - 1
+        shape = [1] * y.dim()
+        shape[axis] = -1
+        y = y - b.reshape(shape)
+    return num, float(y.square().sum())

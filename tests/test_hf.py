@@ -4,6 +4,7 @@ as a linear layer; tied lm_head / embedding weights stay tied."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -201,3 +202,25 @@ def test_models_whose_forward_reads_a_layer_weight():
     with torch.no_grad():
         assert small(**images[0]).logits.shape == (2, 10)
     assert small.sketchpass_plan.verify["measured"] > 0
+
+
+def test_a_linear_subclass_returning_a_tuple_is_kept_as_is():
+    """Llama-4's MoE router is an nn.Linear subclass whose forward returns (scores, logits): a factored layer would
+    not reproduce that, so it is declined with the reason; the rest of the model is compressed and generates."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama-4")
+    cfg = transformers.Llama4TextConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=128, intermediate_size_mlp=128, vocab_size=128,
+                                        num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                        interleave_moe_layer_step=2)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    small = sp.transform(model, sp.Budget(params=0.85), calib=_calib(5), method="svd", progress=False)
+    p = small.sketchpass_plan
+    router = p["model.layers.1.feed_forward.router"].decision
+    assert router.method == "dense"
+    assert "Llama4Router returns a tuple, not a tensor (a subclass of nn.Linear with its own forward)" in router.reason
+    assert p.achieved()["params"] <= 0.85 + 1e-9 and math.isfinite(p.verify["measured"])
+    ids = _calib(1)[0]["input_ids"][:1, :4]
+    assert small.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)

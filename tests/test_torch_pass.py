@@ -615,3 +615,47 @@ def test_torch_transformer_encoder_layers_are_factored_and_run():
     torch.testing.assert_close(out, ref)
     num = float((out - dense).square().sum() / dense.square().sum())
     assert math.isfinite(p.verify["measured"]) and 0 < num
+
+
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder with its default enable_nested_tensor=True and a padding mask: in inference its layers
+    get a nested tensor of the real tokens."""
+
+    def __init__(self, nested=True):
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0))
+
+
+def test_a_nested_tensor_transformer_encoder_with_padding_is_compressed():
+    """The pass turns the nested-tensor path off in its working copy (the layers then compute every position) and
+    in the result where a layer is factored: the plan is the one of the same model built without that path, and at
+    the real tokens the result computes what that model's result does."""
+    g = torch.Generator().manual_seed(0)
+    calib = []
+    for _ in range(6):
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[1, 8:] = 0
+        mask[2, 5:] = 0
+        calib.append({"input_ids": torch.randint(0, 100, (4, 12), generator=g), "attention_mask": mask})
+    small = {}
+    for nested in (True, False):
+        torch.manual_seed(0)
+        model = _PaddedEncoder(nested).eval()
+        assert model.enc.use_nested_tensor is nested
+        small[nested] = sp.transform(model, sp.Budget(params=0.7), calib=calib, method="svd", progress=False)
+        assert model.enc.use_nested_tensor is nested  # the user's model as it was
+    p, q = small[True].sketchpass_plan, small[False].sketchpass_plan
+    assert [lp.decision.size for lp in p.layers] == [lp.decision.size for lp in q.layers]
+    assert p.verify["measured"] == pytest.approx(q.verify["measured"], rel=1e-6)
+    assert any("chained block by block over the 2 blocks of 'enc.layers'" in n for n in p.notes)
+    assert small[True].enc.use_nested_tensor is False
+    real = calib[0]["attention_mask"].bool()
+    with torch.no_grad():
+        a, b = small[True](**calib[0]), small[False](**calib[0])
+    torch.testing.assert_close(a[real], b[real], rtol=1e-4, atol=1e-5)

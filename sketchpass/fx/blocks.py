@@ -172,6 +172,8 @@ def check_chain(model: nn.Module, blocks: list[str], batch) -> str | None:
         return f"the blocks under {blocks[0].rpartition('.')[0]!r} are not each called once, in order"
     if any(h is None for h in hiddens):
         return "a block's input is not a tensor"
+    if any(h.is_nested for h in hiddens):
+        return "a block's input is a nested tensor (nn.TransformerEncoder's fast path for a padding mask)"
     for i in range(len(blocks) - 1):
         try:
             out = hidden_of(calls[i].run(model.get_submodule(blocks[i]), hiddens[i]))
@@ -213,3 +215,223 @@ def shared_inputs(block: nn.Module, call: Call, h: torch.Tensor, modules: dict[s
         for hd in hds:
             hd.remove()
     return group, out
+
+
+# --------------------------------------------------------------------------- sensitivities, block by block
+class NotChained(Exception):
+    """The block-wise backward cannot reproduce the whole model's (the message says why)."""
+
+
+def _tensors_of(call: Call):
+    for v in list(call.args) + list(call.kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+def _with_hidden(out, h: torch.Tensor):
+    """``out`` (a block's output) with its hidden state (:func:`hidden_of`) replaced by ``h``."""
+    if isinstance(out, torch.Tensor):
+        return h
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return (h, *out[1:])
+    if isinstance(out, list):
+        return [h, *out[1:]]
+    keys = getattr(out, "keys", None)
+    if callable(keys) and list(keys()):  # a transformers ModelOutput: its first field
+        out[list(keys())[0]] = h
+        return out
+    raise NotChained(f"a block's output ({type(out).__name__}) cannot carry a replaced hidden state")
+
+
+def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batches: list, probes: int = 1,
+                         seed: int = 0, module_of=None, metric=None, mask_of=lambda batch: None) -> dict[str, float]:
+    """The gains of :func:`sketchpass.fx.observe.sensitivity`, with one block's backward at a time.
+
+    Per batch, one forward of the model without the blocks' graphs: each block runs on a detached copy of its
+    input (which is kept) and hands on a fresh leaf in place of its output hidden state, so only the layers
+    before the first block and after the last one (the head: ``lm_head`` and the logits) keep a graph.  The
+    probes' backward through the head gives the gradient at the last block's output; then each block, from the
+    last to the first, runs again on its kept input with its layers perturbed, and one backward per probe takes
+    the gradient on to its input (and gives its layers' gains); the layers before the first block get theirs
+    from the gradient at the first block's input.  The probes are drawn in the same order as in the whole-model
+    backward, so the gains are the same up to float rounding; memory holds one block's graph instead of the
+    model's.  Raises :class:`NotChained` when that would not hold: a block called with a tensor that depends on
+    a perturbed layer (its graph would be cut), or the output reading a hidden state other than the last
+    block's."""
+    from ..metric import Metric, real
+    from .observe import _sq, _tensors
+
+    metric = metric or Metric()
+    module_of = module_of or (lambda s: s.dense)
+    active = [s for s in sites if s.skip is None]
+    if not active or not batches:
+        return {s.name: 1.0 for s in active}
+    where = {s.name: block_index(s.ref, blocks) for s in active}
+    cur: dict = {"mask": None, "live": None}
+    zs: dict[str, list[torch.Tensor]] = {}
+    ysq = {s.name: 0.0 for s in active}
+    numel = {s.name: 0 for s in active}
+    gsq = {s.name: 0.0 for s in active}
+
+    def make_hook(site):
+        b = where[site.name]
+
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise NotChained(f"layer {site.name!r} gives a {type(output).__name__}, not a tensor")
+            live = cur["live"]
+            if live == "whole" and b is not None:
+                # a block's layer in the whole-model forward: a scalar perturbation, only to see whether anything
+                # but the block's hidden state (which is cut) carries the layer's output on
+                z = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                box["fz"].append(z)
+                return output + z
+            if b != (None if live == "whole" else live):
+                return None
+            z = torch.zeros_like(output, requires_grad=True)
+            zs.setdefault(site.name, []).append(z)
+            kept = real(output, cur["mask"]) if output.dim() == 3 else output
+            ysq[site.name] += _sq(kept)
+            numel[site.name] += kept.numel()
+            return output + z
+
+        return hook
+
+    mods = [model.get_submodule(p) for p in blocks]
+    last = len(mods) - 1
+    box: dict = {}
+
+    def pre(mod, args, kwargs, i):
+        if not box["whole"]:  # a block run alone, in the backward pass
+            return None
+        call, h = Call.of(args, kwargs)
+        if h is None:
+            raise NotChained(f"block {blocks[i]!r} is called without a tensor hidden state")
+        if any(t.requires_grad for t in _tensors_of(call)):
+            raise NotChained(f"block {blocks[i]!r} is called with a tensor that depends on a matched layer "
+                             "besides its hidden state (an encoder's output, a second stream a block hands on)")
+        box["calls"][i] = call
+        box["inputs"][i] = h.detach()
+        if i == 0:
+            box["h0"] = h  # with the graph of the layers before the blocks
+        if args and args[0] is h:
+            return (h.detach(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h.detach()}
+
+    def post(mod, args, kwargs, out, i):
+        if not box["whole"]:
+            return None
+        h = hidden_of(out)
+        if h is None:
+            raise NotChained(f"block {blocks[i]!r} gives no tensor hidden state")
+        leaf = h.detach().requires_grad_(True)
+        box["leaves"][i] = leaf
+        return _with_hidden(out, leaf)
+
+    handles = [module_of(s).register_forward_hook(make_hook(s)) for s in active]
+    for i, m in enumerate(mods):
+        handles.append(m.register_forward_pre_hook(lambda mod, a, k, i=i: pre(mod, a, k, i), with_kwargs=True))
+        handles.append(m.register_forward_hook(lambda mod, a, k, o, i=i: post(mod, a, k, o, i), with_kwargs=True))
+    gen = torch.Generator().manual_seed(seed)
+    fsq = 0.0
+    was_training = model.training
+    model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for batch in batches:
+            zs.clear()
+            box.update(calls=[None] * len(mods), inputs=[None] * len(mods), leaves=[None] * len(mods), h0=None,
+                       fz=[])
+            cur.update(mask=mask_of(batch), live="whole")
+            box["whole"] = True
+            try:
+                with torch.enable_grad():
+                    outs = metric.outputs(_tensors(call_model(model, batch)))
+            finally:
+                box["whole"] = False
+                cur["live"] = None
+            if not outs:
+                raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
+            if any(c is None for c in box["calls"]):
+                raise NotChained("not every block ran")
+            fsq += sum(metric.scale(o, cur["mask"]) for o in outs)
+            outside = list(zs)  # the layers outside the blocks (before the first one, after the last)
+            counts = {n: len(zs[n]) for n in outside}
+            oz = [z for n in outside for z in zs[n]]
+            leaves, fz = box["leaves"], box["fz"]
+            outs = [o for o in outs if o.requires_grad]
+            n_probes = probes if outs and (oz or active) else 0
+            prefix = box["h0"] is not None and box["h0"].requires_grad and oz
+            ograds: list[list] = []  # per probe: the gradient at each outside perturbation
+            g: list = []  # per probe: the gradient at the current block's output
+            for p in range(n_probes):
+                v = [metric.probe(o, gen, cur["mask"]) for o in outs]
+                grads = torch.autograd.grad(outs, oz + leaves + fz, grad_outputs=v, allow_unused=True,
+                                            retain_graph=bool(prefix) or p < n_probes - 1)
+                if any(t is not None and bool(t.any()) for t in grads[len(oz):len(oz) + last]):
+                    raise NotChained("the model's output reads the hidden state of a block other than the last")
+                if any(t is not None for t in grads[len(oz) + len(leaves):]):
+                    raise NotChained("the model's output reads a block's layers through something else than the "
+                                     "hidden state the next block gets (attention weights, router logits, hidden "
+                                     "states it records)")
+                ograds.append(list(grads[:len(oz)]))
+                gl = grads[len(oz) + last]
+                g.append(torch.zeros_like(leaves[last]) if gl is None else gl)
+            del outs, leaves, fz
+            box["leaves"] = box["fz"] = None
+            for i in range(last, -1, -1):
+                zs.clear()
+                cur["live"] = i
+                h = box["inputs"][i].requires_grad_(True)
+                with torch.enable_grad():
+                    out = hidden_of(box["calls"][i].run(mods[i], h))
+                cur["live"] = None
+                zs_i = dict(zs)
+                bz = [z for n in zs_i for z in zs_i[n]]
+                if out is None or not n_probes:
+                    continue
+                if g and out.shape != g[0].shape:
+                    raise NotChained(f"block {blocks[i]!r} run again gives a hidden state of another shape")
+                for p in range(n_probes):
+                    if not out.requires_grad:
+                        g[p] = torch.zeros_like(h)
+                        continue
+                    grads = torch.autograd.grad(out, bz + [h], grad_outputs=g[p], allow_unused=True,
+                                                retain_graph=p < n_probes - 1)
+                    it = iter(grads)
+                    for n in zs_i:
+                        for _ in zs_i[n]:
+                            t = next(it)
+                            if t is not None:
+                                gsq[n] += _sq(t) / probes
+                    gh = grads[-1]
+                    g[p] = torch.zeros_like(h) if gh is None else gh
+                box["inputs"][i] = None
+                del out, h
+            if prefix:
+                for p in range(n_probes):
+                    more = torch.autograd.grad(box["h0"], oz, grad_outputs=g[p], allow_unused=True, retain_graph=True)
+                    ograds[p] = [a if b is None else (b if a is None else a + b) for a, b in zip(ograds[p], more)]
+            for p in range(n_probes):
+                it = iter(ograds[p])
+                for n in outside:
+                    for _ in range(counts[n]):
+                        t = next(it)
+                        if t is not None:
+                            gsq[n] += _sq(t) / probes
+            box["h0"] = None
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    out = {}
+    for s in active:
+        n = s.name
+        out[n] = 0.0 if numel[n] == 0 or fsq == 0 else ysq[n] * gsq[n] / (numel[n] * fsq)
+    return out

@@ -37,13 +37,14 @@ from ..metric import is_language_model
 from ..metric import metric as metric_of
 from ..options import Options
 from ..pipeline import SensitivityUnavailable
-from ..plan import Plan
+from ..plan import Plan, SkipReason
 from ..saved import attach_plan
 from ..site import LayerInput, Site
 from ..store import Store
 from . import observe as fo
 from .blocks import (
     Call,
+    NotChained,
     block_index,
     check_chain,
     find_blocks,
@@ -52,6 +53,7 @@ from .blocks import (
     hidden_of,
     input_in_block,
     record_calls,
+    sensitivity_by_block,
     shared_inputs,
     stop_at,
 )
@@ -144,6 +146,7 @@ class TorchFrontend:
         self._step_block: list[int | None] = []
         self._records: Store | None = None  # :meth:`_record`
         self._memo: _Pair | None = None  # the last pair site_inputs returned
+        self.sensitivity_note: str | None = None  # how the sensitivities were measured (:meth:`sensitivities`)
 
     # ----------------------------------------------------------------- data and capture
     def calib(self, calib, o: Options) -> Calib:
@@ -264,15 +267,31 @@ class TorchFrontend:
         return root.get_submodule(site.extra.get("out_module", site.ref))
 
     def _call_order(self, batch) -> list[str]:
+        """The layers in the order of their first calls on one sample of ``batch``.  A layer that gives something
+        else than a tensor (a subclass of ``nn.Linear`` with its own forward, like Llama-4's router returning
+        scores and logits) is declined: a factored layer would not reproduce what it returns."""
         order: list[str] = []
+        odd: dict[str, str] = {}
+
+        def after(m, i, out, p):
+            if not isinstance(out, torch.Tensor):
+                odd.setdefault(p, type(out).__name__)
+
         handles = [s.dense.register_forward_pre_hook(lambda m, i, p=s.ref: order.append(p))
                    for s in self._sites if s.dense is not None]
+        handles += [s.dense.register_forward_hook(lambda m, i, o, p=s.ref: after(m, i, o, p))
+                    for s in self._sites if s.dense is not None]
         try:
             with torch.no_grad():
                 call_model(self.cap.model, slice_batch(batch, 1))
         finally:
             for h in handles:
                 h.remove()
+        for s in self._sites:
+            if s.ref in odd and s.skip is None:
+                base = next(c.__name__ for c in type(s.dense).__mro__ if c.__module__.startswith("torch.nn"))
+                s.set_skip(SkipReason.UNSUPPORTED_OP, f"{type(s.dense).__name__} returns a {odd[s.ref]}, not a tensor "
+                                                      f"(a subclass of nn.{base} with its own forward): kept as is")
         return list(dict.fromkeys(order))
 
     def sites(self) -> list[Site]:
@@ -394,9 +413,19 @@ class TorchFrontend:
             store.close()
 
     def sensitivities(self, sites, batches, probes, seed) -> dict[str, float]:
-        # the backward keeps every layer's output (and its perturbation) of the samples it runs on: batches are cut
-        # into chunks whose estimate stays within max_activation_mb (the gains are sums over samples)
-        per_sample = 12 * sum(s.spec.p_out * s.spec.d_out for s in sites)
+        """The output gains (:func:`sketchpass.fx.observe.sensitivity`).  With chained blocks, one block's backward
+        at a time (:func:`~sketchpass.fx.blocks.sensitivity_by_block`: the same gains, memory for one block's
+        graph); otherwise, or when the blocks cannot be run apart for it, one backward through the whole model.
+        ``self.sensitivity_note`` says which."""
+        # the backward keeps the outputs (and their perturbations) of the layers it runs through, of the samples
+        # it runs on: batches are cut into chunks whose estimate stays within max_activation_mb (the gains are
+        # sums over samples) — for the whole model, or for the largest block and the layers outside the blocks
+        by_block = self._chain is not None
+        if by_block:
+            groups, _ = self.calibration_groups(sites)
+            per_sample = 12 * max(sum(s.spec.p_out * s.spec.d_out for s in g) for g in groups)
+        else:
+            per_sample = 12 * sum(s.spec.p_out * s.spec.d_out for s in sites)
         chunk = max(1, int(self.o.max_activation_mb * 2**20 // max(per_sample, 1)))
         cut = []
         for b in batches:
@@ -405,10 +434,26 @@ class TorchFrontend:
                 cut.append(head)
             cut.append(b)
         batches = cut
+        model = self.cap.model
+        kw = dict(probes=probes, seed=seed, module_of=lambda st: self._out(model, st), metric=self.metric,
+                  mask_of=self._mask)
+        self.sensitivity_note = None
         try:
-            return fo.sensitivity(self.cap.model, sites, batches, probes=probes, seed=seed,
-                                  module_of=lambda st: self._out(self.cap.model, st), metric=self.metric,
-                                  mask_of=self._mask)
+            if by_block:
+                try:
+                    gains = sensitivity_by_block(model, self._chain, sites, batches, **kw)
+                    self.sensitivity_note = (f"sensitivities measured block by block: one backward through each of "
+                                             f"the {len(self._chain)} blocks at a time (the whole model's graph is "
+                                             "never held)")
+                    return gains
+                except NotChained as exc:
+                    self.sensitivity_note = (f"sensitivities measured with one backward through the whole model "
+                                             f"(not block by block: {exc})")
+                except RuntimeError as exc:  # a backward that fails on a block run alone: the whole model's may not
+                    first = " ".join(str(exc).split())[:160]
+                    self.sensitivity_note = (f"sensitivities measured with one backward through the whole model "
+                                             f"(the block-by-block backward failed: {type(exc).__name__}: {first})")
+            return fo.sensitivity(model, sites, batches, **kw)
         except RuntimeError as exc:  # e.g. in-place ops on tensors autograd needs: no backward through the model
             first = " ".join(str(exc).split())[:160]
             raise SensitivityUnavailable(f"sensitivities could not be measured (backward through the model "
@@ -597,6 +642,9 @@ class TorchFrontend:
                 factored = any(p.startswith(name + ".") for p in self._replaced)
                 own = self.model.get_submodule(name) if _has_module(self.model, name) else None
                 mod.activation_relu_or_gelu = not factored and getattr(own, "activation_relu_or_gelu", False)
+        for name, mod in small.named_modules():  # and the nested-tensor path, which needs the layers' fast path
+            if isinstance(mod, nn.TransformerEncoder) and any(p.startswith(name + ".") for p in self._replaced):
+                mod.use_nested_tensor = False
         small.train(self.model.training)
         attach_plan(small, plan)
         return small

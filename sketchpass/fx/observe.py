@@ -28,7 +28,7 @@ from ..batches import call_model, output_tensors, slice_batch
 from ..batches import output_tensors as _tensors
 from ..calib import same_padding
 from ..metric import Metric, covers, real
-from ..site import LayerInput, Site
+from ..site import LayerInput, Site, layer_error
 
 
 def layer_input(site: Site, mod: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
@@ -111,30 +111,41 @@ def _outputs(model: nn.Module, batch, hooks: dict[nn.Module, list]) -> list[torc
             h.remove()
 
 
-def _cat(ts: list[torch.Tensor], conv: bool = False) -> torch.Tensor:
-    """The outputs of a layer called several times in one forward, as one tensor whose channel axis is where
-    the layer's is (the last for a linear layer, 1 for a conv), so that its bias still broadcasts."""
-    if len(ts) == 1:
-        return ts[0]
-    if all(t.shape == ts[0].shape for t in ts):
-        return torch.cat(ts)
-    if conv:
-        return torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in ts], dim=1).unsqueeze(0)
-    return torch.cat([t.reshape(-1, t.shape[-1]) for t in ts])
-
-
 def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
             module_of: Callable[[nn.Module, Site], nn.Module]) -> tuple[list, list, dict]:
-    """Both models on ``batch``: their float outputs and every site's output in each."""
-    box_o = {s.name: [] for s in sites}
-    box_n = {s.name: [] for s in sites}
-    ref = _outputs(original, batch, {module_of(original, s): box_o[s.name] for s in sites})
-    out = _outputs(emitted, batch, {module_of(emitted, s): box_n[s.name] for s in sites})
-    layers = {}
-    for s in sites:
-        if box_o[s.name] and len(box_o[s.name]) == len(box_n[s.name]):
-            conv = s.spec.op.startswith("conv")
-            layers[s.name] = (_cat(box_o[s.name], conv), _cat(box_n[s.name], conv))
+    """Both models on ``batch``: their float outputs and ``{site: (num, den)}`` of each site's output
+    (:func:`sketchpass.site.layer_error`, summed over its calls, the k-th call of the emitted model's layer against
+    the k-th of the original's).  Only the original's layer outputs are held: the emitted model's are compared as
+    they come.  A site the two models call a different number of times is left out."""
+    held = {s.name: [] for s in sites}
+    ref = _outputs(original, batch, {module_of(original, s): held[s.name] for s in sites})
+    sums = {s.name: [0.0, 0.0, 0] for s in sites}
+
+    def make_hook(site: Site):
+        box, acc = held[site.name], sums[site.name]
+
+        def hook(mod, inputs, output):
+            k = acc[2]
+            acc[2] += 1
+            if k < len(box) and box[k].shape == output.shape:
+                n, d = layer_error(box[k], output, site)
+                acc[0] += n
+                acc[1] += d
+                box[k] = None  # compared: no longer held
+            else:
+                acc[2] = -(10**9)  # a call the original did not make: not comparable
+
+        return hook
+
+    handles = [module_of(emitted, s).register_forward_hook(make_hook(s)) for s in sites]
+    try:
+        with torch.no_grad():
+            out = [t.detach() for t in output_tensors(call_model(emitted, batch))]
+    finally:
+        for h in handles:
+            h.remove()
+    layers = {s.name: (sums[s.name][0], sums[s.name][1]) for s in sites
+              if held[s.name] and sums[s.name][2] == len(held[s.name])}
     return ref, out, layers
 
 

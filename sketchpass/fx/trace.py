@@ -121,10 +121,15 @@ def fast_path_off(model: nn.Module) -> int:
     """Turn off the fused inference path of every ``nn.TransformerEncoderLayer`` of ``model``; how many.  That path
     (eval mode, no autograd) reads ``linear1``/``linear2``'s weights and calls a fused kernel instead of the
     modules: the pass would not see them, and a factored layer there would not run (its weight property would be
-    materialised each call).  The layer's own slow path computes the same function."""
+    materialised each call).  The layer's own slow path computes the same function.  The encoders' nested-tensor
+    path is off too (``enable_nested_tensor``: with a padding mask the layers would get a nested tensor of the real
+    tokens, which the pass cannot observe); the layers then compute every position, the real ones as before."""
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
     for mod in layers:
         mod.activation_relu_or_gelu = False  # one of the conditions the fast path requires
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder):
+            mod.use_nested_tensor = False
     return len(layers)
 
 

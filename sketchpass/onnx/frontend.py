@@ -31,7 +31,7 @@ from ..metric import metric as metric_of
 from ..options import Options
 from ..pipeline import SensitivityUnavailable
 from ..plan import Plan
-from ..site import LayerInput, Site
+from ..site import LayerInput, Site, layer_error
 from . import observe as ob
 from .feeds import feed_size, graph_inputs, iter_feeds
 from .load import load
@@ -261,7 +261,7 @@ class OnnxFrontend:
         b = dict(zip(fetch, self._compare[3].run(fetch, batch)))
         ref = [torch.from_numpy(np.asarray(a[n])) for n in real if np.issubdtype(np.asarray(a[n]).dtype, np.floating)]
         out = [torch.from_numpy(np.asarray(b[n])) for n in real if np.issubdtype(np.asarray(b[n]).dtype, np.floating)]
-        layers = {s.name: (torch.from_numpy(a[s.ref.y]), torch.from_numpy(b[s.ref.y])) for s in sites}
+        layers = {s.name: layer_error(torch.from_numpy(a[s.ref.y]), torch.from_numpy(b[s.ref.y]), s) for s in sites}
         return ref, out, layers
 
     def single_layer_errors(self, sites, batches) -> dict[str, tuple[float, float]]:
