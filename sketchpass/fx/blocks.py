@@ -257,9 +257,12 @@ def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batch
     the gradient on to its input (and gives its layers' gains); the layers before the first block get theirs
     from the gradient at the first block's input.  The probes are drawn in the same order as in the whole-model
     backward, so the gains are the same up to float rounding; memory holds one block's graph instead of the
-    model's.  Raises :class:`NotChained` when that would not hold: a block called with a tensor that depends on
-    a perturbed layer (its graph would be cut), or the output reading a hidden state other than the last
-    block's."""
+    model's; the cost is one more forward of each block.  Raises :class:`NotChained` when that would not hold:
+    a block called with a tensor that depends on a matched layer besides its hidden state (an encoder's output,
+    a second stream one block hands the next: its graph would be cut), or the output reading a block's layers
+    other than through the last block's hidden state (another block's hidden state; attention weights, router
+    logits or hidden states a block gives or the model records — seen through a scalar perturbation of every
+    block layer in the whole-model forward, whose gradient must not reach the output)."""
     from ..metric import Metric, real
     from .observe import _sq, _tensors
 
