@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..batches import call_model
+from ..batches import call_model, output_tensors
+from ..metric import Metric
+from .observe import Gains, _tensors, frozen
 
 
 class _Stop(Exception):
@@ -222,14 +224,6 @@ class NotChained(Exception):
     """The block-wise backward cannot reproduce the whole model's (the message says why)."""
 
 
-def _tensors_of(call: Call):
-    for v in list(call.args) + list(call.kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, (tuple, list)):
-            yield from (t for t in v if isinstance(t, torch.Tensor))
-
-
 def _with_hidden(out, h: torch.Tensor):
     """``out`` (a block's output) with its hidden state (:func:`hidden_of`) replaced by ``h``."""
     if isinstance(out, torch.Tensor):
@@ -263,9 +257,6 @@ def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batch
     other than through the last block's hidden state (another block's hidden state; attention weights, router
     logits or hidden states a block gives or the model records — seen through a scalar perturbation of every
     block layer in the whole-model forward, whose gradient must not reach the output)."""
-    from ..metric import Metric, real
-    from .observe import _sq, _tensors
-
     metric = metric or Metric()
     module_of = module_of or (lambda s: s.dense)
     active = [s for s in sites if s.skip is None]
@@ -273,10 +264,7 @@ def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batch
         return {s.name: 1.0 for s in active}
     where = {s.name: block_index(s.ref, blocks) for s in active}
     cur: dict = {"mask": None, "live": None}
-    zs: dict[str, list[torch.Tensor]] = {}
-    ysq = {s.name: 0.0 for s in active}
-    numel = {s.name: 0 for s in active}
-    gsq = {s.name: 0.0 for s in active}
+    gains = Gains(active, probes)
 
     def make_hook(site):
         b = where[site.name]
@@ -293,17 +281,11 @@ def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batch
                 return output + z
             if b != (None if live == "whole" else live):
                 return None
-            z = torch.zeros_like(output, requires_grad=True)
-            zs.setdefault(site.name, []).append(z)
-            kept = real(output, cur["mask"]) if output.dim() == 3 else output
-            ysq[site.name] += _sq(kept)
-            numel[site.name] += kept.numel()
-            return output + z
+            return gains.perturb(site, output, cur["mask"])
 
         return hook
 
     mods = [model.get_submodule(p) for p in blocks]
-    last = len(mods) - 1
     box: dict = {}
 
     def pre(mod, args, kwargs, i):
@@ -312,7 +294,7 @@ def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batch
         call, h = Call.of(args, kwargs)
         if h is None:
             raise NotChained(f"block {blocks[i]!r} is called without a tensor hidden state")
-        if any(t.requires_grad for t in _tensors_of(call)):
+        if any(t.requires_grad for t in output_tensors((call.args, call.kwargs))):
             raise NotChained(f"block {blocks[i]!r} is called with a tensor that depends on a matched layer "
                              "besides its hidden state (an encoder's output, a second stream a block hands on)")
         box["calls"][i] = call
@@ -338,103 +320,85 @@ def sensitivity_by_block(model: nn.Module, blocks: list[str], sites: list, batch
         handles.append(m.register_forward_pre_hook(lambda mod, a, k, i=i: pre(mod, a, k, i), with_kwargs=True))
         handles.append(m.register_forward_hook(lambda mod, a, k, o, i=i: post(mod, a, k, o, i), with_kwargs=True))
     gen = torch.Generator().manual_seed(seed)
-    fsq = 0.0
-    was_training = model.training
-    model.eval()
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     try:
-        for batch in batches:
-            zs.clear()
-            box.update(calls=[None] * len(mods), inputs=[None] * len(mods), leaves=[None] * len(mods), h0=None,
-                       fz=[])
-            cur.update(mask=mask_of(batch), live="whole")
-            box["whole"] = True
-            try:
-                with torch.enable_grad():
-                    outs = metric.outputs(_tensors(call_model(model, batch)))
-            finally:
-                box["whole"] = False
-                cur["live"] = None
-            if not outs:
-                raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
-            if any(c is None for c in box["calls"]):
-                raise NotChained("not every block ran")
-            fsq += sum(metric.scale(o, cur["mask"]) for o in outs)
-            outside = list(zs)  # the layers outside the blocks (before the first one, after the last)
-            counts = {n: len(zs[n]) for n in outside}
-            oz = [z for n in outside for z in zs[n]]
-            leaves, fz = box["leaves"], box["fz"]
-            outs = [o for o in outs if o.requires_grad]
-            n_probes = probes if outs and (oz or active) else 0
-            prefix = box["h0"] is not None and box["h0"].requires_grad and oz
-            ograds: list[list] = []  # per probe: the gradient at each outside perturbation
-            g: list = []  # per probe: the gradient at the current block's output
-            for p in range(n_probes):
-                v = [metric.probe(o, gen, cur["mask"]) for o in outs]
-                grads = torch.autograd.grad(outs, oz + leaves + fz, grad_outputs=v, allow_unused=True,
-                                            retain_graph=bool(prefix) or p < n_probes - 1)
-                if any(t is not None and bool(t.any()) for t in grads[len(oz):len(oz) + last]):
-                    raise NotChained("the model's output reads the hidden state of a block other than the last")
-                if any(t is not None for t in grads[len(oz) + len(leaves):]):
-                    raise NotChained("the model's output reads a block's layers through something else than the "
-                                     "hidden state the next block gets (attention weights, router logits, hidden "
-                                     "states it records)")
-                ograds.append(list(grads[:len(oz)]))
-                gl = grads[len(oz) + last]
-                g.append(torch.zeros_like(leaves[last]) if gl is None else gl)
-            del outs, leaves, fz
-            box["leaves"] = box["fz"] = None
-            for i in range(last, -1, -1):
-                zs.clear()
-                cur["live"] = i
-                h = box["inputs"][i].requires_grad_(True)
-                with torch.enable_grad():
-                    out = hidden_of(box["calls"][i].run(mods[i], h))
-                cur["live"] = None
-                zs_i = dict(zs)
-                bz = [z for n in zs_i for z in zs_i[n]]
-                if out is None or not n_probes:
-                    continue
-                if g and out.shape != g[0].shape:
-                    raise NotChained(f"block {blocks[i]!r} run again gives a hidden state of another shape")
-                for p in range(n_probes):
-                    if not out.requires_grad:
-                        g[p] = torch.zeros_like(h)
-                        continue
-                    grads = torch.autograd.grad(out, bz + [h], grad_outputs=g[p], allow_unused=True,
-                                                retain_graph=p < n_probes - 1)
-                    it = iter(grads)
-                    for n in zs_i:
-                        for _ in zs_i[n]:
-                            t = next(it)
-                            if t is not None:
-                                gsq[n] += _sq(t) / probes
-                    gh = grads[-1]
-                    g[p] = torch.zeros_like(h) if gh is None else gh
-                box["inputs"][i] = None
-                del out, h
-            if prefix:
-                for p in range(n_probes):
-                    more = torch.autograd.grad(box["h0"], oz, grad_outputs=g[p], allow_unused=True, retain_graph=True)
-                    ograds[p] = [a if b is None else (b if a is None else a + b) for a, b in zip(ograds[p], more)]
-            for p in range(n_probes):
-                it = iter(ograds[p])
-                for n in outside:
-                    for _ in range(counts[n]):
-                        t = next(it)
-                        if t is not None:
-                            gsq[n] += _sq(t) / probes
-            box["h0"] = None
+        with frozen(model):
+            for batch in batches:
+                _one_batch(model, blocks, mods, batch, metric, mask_of(batch), gen, gains, cur, box)
     finally:
         for hd in handles:
             hd.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
-    out = {}
-    for s in active:
-        n = s.name
-        out[n] = 0.0 if numel[n] == 0 or fsq == 0 else ysq[n] * gsq[n] / (numel[n] * fsq)
-    return out
+    return gains.result(active)
+
+
+def _one_batch(model, blocks, mods, batch, metric, mask, gen, gains, cur, box) -> None:
+    """One batch of :func:`sensitivity_by_block` (its hooks in place, the weights frozen): the whole-model forward,
+    the probes' backward through the head, each block's backward from the last to the first, and the layers'
+    before the first block."""
+    zs, probes, last = gains.zs, gains.probes, len(mods) - 1
+    zs.clear()
+    box.update(calls=[None] * len(mods), inputs=[None] * len(mods), leaves=[None] * len(mods), h0=None, fz=[])
+    cur.update(mask=mask, live="whole")
+    box["whole"] = True
+    try:
+        with torch.enable_grad():
+            outs = metric.outputs(_tensors(call_model(model, batch)))
+    finally:
+        box["whole"] = False
+        cur["live"] = None
+    if not outs:
+        raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
+    if any(c is None for c in box["calls"]):
+        raise NotChained("not every block ran")
+    gains.fsq += sum(metric.scale(o, mask) for o in outs)
+    counts = {n: len(z) for n, z in zs.items()}  # the layers outside the blocks (before the first, after the last)
+    oz = [z for n in counts for z in zs[n]]
+    leaves, fz = box["leaves"], box["fz"]
+    outs = [o for o in outs if o.requires_grad]
+    n_probes = probes if outs else 0
+    prefix = box["h0"] is not None and box["h0"].requires_grad and bool(oz)
+    ograds: list[list] = []  # per probe: the gradient at each outside perturbation
+    g: list = []  # per probe: the gradient at the current block's output
+    for p in range(n_probes):
+        v = [metric.probe(o, gen, mask) for o in outs]
+        grads = torch.autograd.grad(outs, oz + leaves + fz, grad_outputs=v, allow_unused=True,
+                                    retain_graph=prefix or p < n_probes - 1)
+        if any(t is not None and bool(t.any()) for t in grads[len(oz):len(oz) + last]):
+            raise NotChained("the model's output reads the hidden state of a block other than the last")
+        if any(t is not None for t in grads[len(oz) + len(leaves):]):
+            raise NotChained("the model's output reads a block's layers through something else than the hidden "
+                             "state the next block gets (attention weights, router logits, hidden states it records)")
+        ograds.append(list(grads[:len(oz)]))
+        gl = grads[len(oz) + last]
+        g.append(torch.zeros_like(leaves[last]) if gl is None else gl)
+    del outs, leaves, fz
+    box["leaves"] = box["fz"] = None
+    for i in range(last, -1, -1):
+        zs.clear()
+        cur["live"] = i
+        h = box["inputs"][i].requires_grad_(True)
+        with torch.enable_grad():
+            out = hidden_of(box["calls"][i].run(mods[i], h))
+        cur["live"] = None
+        inner = {n: len(z) for n, z in zs.items()}
+        bz = [z for n in inner for z in zs[n]]
+        if out is None or not n_probes:
+            continue
+        if out.shape != g[0].shape:
+            raise NotChained(f"block {blocks[i]!r} run again gives a hidden state of another shape")
+        for p in range(n_probes):
+            if not out.requires_grad:
+                g[p] = torch.zeros_like(h)
+                continue
+            grads = torch.autograd.grad(out, bz + [h], grad_outputs=g[p], allow_unused=True,
+                                        retain_graph=p < n_probes - 1)
+            gains.add(inner, grads[:-1])
+            g[p] = torch.zeros_like(h) if grads[-1] is None else grads[-1]
+        box["inputs"][i] = None
+        del out, h
+    if prefix:
+        for p in range(n_probes):
+            more = torch.autograd.grad(box["h0"], oz, grad_outputs=g[p], allow_unused=True, retain_graph=True)
+            ograds[p] = [a if b is None else (b if a is None else a + b) for a, b in zip(ograds[p], more)]
+    for p in range(n_probes):
+        gains.add(counts, ograds[p])
+    box["h0"] = None

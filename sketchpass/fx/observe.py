@@ -87,15 +87,8 @@ def model_macs(model: nn.Module, batch) -> int:
     """Whole-model MACs per sample (torch's FLOP counter / 2) on one sample of ``batch``.  The weights are frozen
     while it counts: the counter's module tracker hooks the gradients of module inputs that require one, and
     fails on a module called on a slice of a parameter (DeBERTa-v2's ``LayerNorm(rel_embeddings.weight)``)."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_model(model, slice_batch(batch, 1))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with frozen(model, eval_mode=False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call_model(model, slice_batch(batch, 1))
     return int(counter.get_total_flops() // 2)
 
 
@@ -119,21 +112,23 @@ def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
     they come.  A site the two models call a different number of times is left out."""
     held = {s.name: [] for s in sites}
     ref = _outputs(original, batch, {module_of(original, s): held[s.name] for s in sites})
-    sums = {s.name: [0.0, 0.0, 0] for s in sites}
+    sums = {s.name: [0.0, 0.0] for s in sites}
+    calls = {s.name: 0 for s in sites}
+    unlike: set[str] = set()  # sites whose calls do not pair up
 
     def make_hook(site: Site):
-        box, acc = held[site.name], sums[site.name]
+        name, box = site.name, held[site.name]
 
         def hook(mod, inputs, output):
-            k = acc[2]
-            acc[2] += 1
+            k = calls[name]
+            calls[name] += 1
             if k < len(box) and box[k].shape == output.shape:
                 n, d = layer_error(box[k], output, site)
-                acc[0] += n
-                acc[1] += d
+                sums[name][0] += n
+                sums[name][1] += d
                 box[k] = None  # compared: no longer held
             else:
-                acc[2] = -(10**9)  # a call the original did not make: not comparable
+                unlike.add(name)
 
         return hook
 
@@ -144,8 +139,8 @@ def compare(original: nn.Module, emitted: nn.Module, batch, sites: list[Site],
     finally:
         for h in handles:
             h.remove()
-    layers = {s.name: (sums[s.name][0], sums[s.name][1]) for s in sites
-              if held[s.name] and sums[s.name][2] == len(held[s.name])}
+    layers = {s.name: tuple(sums[s.name]) for s in sites
+              if held[s.name] and s.name not in unlike and calls[s.name] == len(held[s.name])}
     return ref, out, layers
 
 
@@ -177,6 +172,65 @@ def _sq(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.detach().float())) ** 2
 
 
+@contextmanager
+def frozen(model: nn.Module, eval_mode: bool = True):
+    """``model`` with its parameters' ``requires_grad`` off (and in eval mode), restored after: autograd then
+    records no weight gradients, and nothing upstream of the first tensor that needs one."""
+    was_training = model.training
+    if eval_mode:
+        model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        if eval_mode:
+            model.train(was_training)
+
+
+class Gains:
+    """The sums the output gains are made of (module docstring), per active site: ``‖y_i‖²`` and elements of its
+    outputs (at the real tokens), ``Σ ‖J_iᵀ v‖² / probes``, and the output scale ``fsq``; ``zs`` holds the
+    current batch's perturbations of each site's outputs, in call order."""
+
+    def __init__(self, active: list[Site], probes: int):
+        self.probes = probes
+        self.zs: dict[str, list[torch.Tensor]] = {}
+        self.ysq = {s.name: 0.0 for s in active}
+        self.numel = {s.name: 0 for s in active}
+        self.gsq = {s.name: 0.0 for s in active}
+        self.fsq = 0.0
+
+    def perturb(self, site: Site, output: torch.Tensor, mask) -> torch.Tensor:
+        """``output + z`` with a fresh zero perturbation ``z`` kept for the backward; ``‖y‖²`` counted."""
+        z = torch.zeros_like(output, requires_grad=True)
+        self.zs.setdefault(site.name, []).append(z)
+        kept = real(output, mask) if output.dim() == 3 else output
+        self.ysq[site.name] += _sq(kept)
+        self.numel[site.name] += kept.numel()
+        return output + z
+
+    def add(self, counts: dict[str, int], grads) -> None:
+        """Add the gradients at the perturbations of ``counts`` (site → how many, in order) from one probe."""
+        it = iter(grads)
+        for name, k in counts.items():
+            for _ in range(k):
+                g = next(it)
+                if g is not None:
+                    self.gsq[name] += _sq(g) / self.probes
+
+    def result(self, active: list[Site]) -> dict[str, float]:
+        out = {}
+        for s in active:
+            n = s.name
+            zero = self.numel[n] == 0 or self.fsq == 0
+            out[n] = 0.0 if zero else self.ysq[n] * self.gsq[n] / (self.numel[n] * self.fsq)
+        return out
+
+
 def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int = 1, seed: int = 0,
                 module_of: Callable[[Site], nn.Module] | None = None, metric: Metric | None = None,
                 mask_of: Callable[[object], torch.Tensor | None] = lambda batch: None) -> dict[str, float]:
@@ -190,66 +244,29 @@ def sensitivity(model: nn.Module, sites: list[Site], batches: list, probes: int 
     active = [s for s in sites if s.skip is None]
     if not active or not batches:
         return {s.name: 1.0 for s in active}
-    zs: dict[str, list[torch.Tensor]] = {}
-    ysq: dict[str, float] = {s.name: 0.0 for s in active}
-    numel: dict[str, int] = {s.name: 0 for s in active}
-    gsq: dict[str, float] = {s.name: 0.0 for s in active}
-
-    def make_hook(site: Site):
-        def hook(module, inputs, output):
-            z = torch.zeros_like(output, requires_grad=True)
-            zs.setdefault(site.name, []).append(z)
-            kept = real(output, cur["mask"]) if output.dim() == 3 else output
-            ysq[site.name] += _sq(kept)
-            numel[site.name] += kept.numel()
-            return output + z
-
-        return hook
-
+    gains = Gains(active, probes)
     module_of = module_of or (lambda s: s.dense)
-    handles = [module_of(s).register_forward_hook(make_hook(s)) for s in active]
+    handles = [module_of(s).register_forward_hook(lambda m, i, o, s=s: gains.perturb(s, o, cur["mask"]))
+               for s in active]
     gen = torch.Generator().manual_seed(seed)
-    fsq = 0.0
-    was_training = model.training
-    model.eval()
-    # only the perturbations z need gradients: with the weights frozen autograd records no weight
-    # gradients and nothing upstream of the first matched layer
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     try:
-        for batch in batches:
-            zs.clear()
-            cur["mask"] = mask_of(batch)
-            with torch.enable_grad():
-                outs = metric.outputs(_tensors(call_model(model, batch)))
-                if not outs:
-                    raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
-                fsq += sum(metric.scale(o, cur["mask"]) for o in outs)
-                names = list(zs)
-                leaves = [z for name in names for z in zs[name]]
-                outs = [o for o in outs if o.requires_grad]  # outputs no matched layer feeds have no gain
-                for p in range(probes if outs and leaves else 0):
-                    v = [metric.probe(o, gen, cur["mask"]) for o in outs]
-                    grads = torch.autograd.grad(outs, leaves, grad_outputs=v, allow_unused=True,
-                                                retain_graph=p < probes - 1)
-                    it = iter(grads)
-                    for name in names:
-                        for _ in zs[name]:
-                            g = next(it)
-                            if g is not None:
-                                gsq[name] += _sq(g) / probes
+        with frozen(model):
+            for batch in batches:
+                gains.zs.clear()
+                cur["mask"] = mask_of(batch)
+                with torch.enable_grad():
+                    outs = metric.outputs(_tensors(call_model(model, batch)))
+                    if not outs:
+                        raise ValueError("the model output has no floating-point tensor to measure sensitivity on")
+                    gains.fsq += sum(metric.scale(o, cur["mask"]) for o in outs)
+                    counts = {n: len(z) for n, z in gains.zs.items()}
+                    leaves = [z for zs in gains.zs.values() for z in zs]
+                    outs = [o for o in outs if o.requires_grad]  # outputs no matched layer feeds have no gain
+                    for p in range(probes if outs and leaves else 0):
+                        v = [metric.probe(o, gen, cur["mask"]) for o in outs]
+                        gains.add(counts, torch.autograd.grad(outs, leaves, grad_outputs=v, allow_unused=True,
+                                                              retain_graph=p < probes - 1))
     finally:
         for h in handles:
             h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
-    out = {}
-    for s in active:
-        n = s.name
-        if numel[n] == 0 or fsq == 0:
-            out[n] = 0.0
-            continue
-        out[n] = ysq[n] * gsq[n] / (numel[n] * fsq)
-    return out
+    return gains.result(active)
