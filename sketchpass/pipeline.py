@@ -134,6 +134,9 @@ class Frontend(Protocol):
     def advance(self, step: int, env: Any) -> Any:
         """Both streams run from boundary ``step`` to boundary ``step + 1``."""
 
+    def end_refit(self) -> None:
+        """The refit is over (or was interrupted): drop what it kept between steps."""
+
     def replace(self, site: Site, module: torch.nn.Module) -> None:
         """Use the factored ``module`` for ``site`` in the compressed copy."""
 
@@ -562,6 +565,7 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
             plan.notes.extend(n for n in notes if n not in plan.notes)
         finally:
             store.close()
+            fe.end_refit()
     return info
 
 

@@ -40,8 +40,9 @@ from ..pipeline import SensitivityUnavailable
 from ..plan import Plan, SkipReason
 from ..saved import attach_plan
 from ..site import LayerInput, Site
-from ..store import Store
+from ..store import Store, nbytes
 from . import observe as fo
+from . import resume
 from .blocks import (
     Call,
     NotChained,
@@ -146,6 +147,10 @@ class TorchFrontend:
         self._step_block: list[int | None] = []
         self._records: Store | None = None  # :meth:`_record`
         self._memo: _Pair | None = None  # the last pair site_inputs returned
+        self._pending: dict[int, list[str]] = {}  # block -> the paths of its layers the refit fits (call order)
+        self._runs: dict[int, tuple[int, resume.BlockRun]] = {}  # batch token -> (block, its paused run)
+        self._gates: resume.Gates | None = None
+        self._tokens = 0
         self.sensitivity_note: str | None = None  # how the sensitivities were measured (:meth:`sensitivities`)
 
     # ----------------------------------------------------------------- data and capture
@@ -461,6 +466,7 @@ class TorchFrontend:
 
     # ----------------------------------------------------------------- fit and rewrite
     def begin(self) -> None:
+        self.end_refit()
         self._memo = None
         self._replaced = {}
         self._fitted: dict[str, nn.Module] = {}
@@ -481,8 +487,11 @@ class TorchFrontend:
             return [[s] for s in ran] + rest
         steps: list[list[Site]] = []
         self._step_block = []
+        self._pending = {}
         for s in ran:
             b = block_index(s.ref, self._chain)
+            if b is not None:
+                self._pending.setdefault(b, []).append(s.ref)
             g = self._group.get(s.ref)
             if steps and b is not None and self._step_block[-1] == b and g is not None \
                     and g == self._group.get(steps[-1][-1].ref):
@@ -505,8 +514,9 @@ class TorchFrontend:
                 calls, h0, outside = self._records.get(key)
             else:
                 calls, h0, outside = self._record(batch)
+            self._tokens += 1
             return self._goto({"batch": batch, "calls": calls, "h0": h0, "at": None, "o": None, "n": None,
-                               "outside": outside}, 0)
+                               "outside": outside, "token": self._tokens}, 0)
         return batch
 
     def advance(self, step: int, env):
@@ -541,9 +551,54 @@ class TorchFrontend:
             if env["n"] is env["o"] and not self._replaced_in(i):
                 hn = ho  # nothing differs yet: one run serves both streams
             else:
-                hn = hidden_of(call.run(self._comp.get_submodule(self._chain[i]), env["n"]))
+                run = self._run(env, i, make=False)
+                hn = resume.MISS if run is None else run.output(self._is_fitted)
+                if hn is resume.MISS:
+                    hn = hidden_of(call.run(self._comp.get_submodule(self._chain[i]), env["n"]))
+            self._drop_run(env)
             env["o"], env["n"], env["at"] = ho, hn, i + 1
         return env
+
+    # the compressed stream of a block: one paused run per batch (:mod:`.resume`) instead of a run from the
+    # block's start for every refit step
+    def _is_fitted(self, path: str) -> bool:
+        return path in self._replaced
+
+    def _run(self, env: dict, i: int, make: bool = True) -> resume.BlockRun | None:
+        """The paused run of block ``i`` on the batch's compressed stream; made when ``make`` and within
+        ``max_activation_mb`` for all the runs held (a run holds about what the original block's layer inputs
+        take, :meth:`_original_block`), else ``None`` (the caller runs the block from its start)."""
+        held = self._runs.get(env["token"])
+        if held is not None and held[0] == i:
+            return held[1]
+        self._drop_run(env)
+        waits = [p for p in self._pending.get(i, ()) if p not in self._replaced]
+        if not make or not waits or not resume.ENABLED:
+            return None
+        size = nbytes(self._original_block(env, i)[1])
+        if size + sum(r.nbytes for _, r in self._runs.values()) > self.o.max_activation_mb * 2**20:
+            return None
+        if self._gates is None:
+            self._gates = resume.Gates(self._comp.get_submodule)
+        for p in waits:
+            self._gates.add(p, self._comp.get_submodule(p))
+        run = resume.BlockRun(self._comp.get_submodule(self._chain[i]), env["calls"][i], env["n"], set(waits), size)
+        self._runs[env["token"]] = (i, run)
+        return run
+
+    def _drop_run(self, env: dict) -> None:
+        held = self._runs.pop(env.get("token"), None)
+        if held is not None:
+            held[1].close()
+
+    def end_refit(self) -> None:
+        """Unwind the paused block runs and take the gates off the working copy's layers."""
+        runs, self._runs = list(self._runs.values()), {}
+        for _, run in runs:
+            run.close()
+        if self._gates is not None:
+            self._gates.remove()
+            self._gates = None
 
     def _original_block(self, env: dict, i: int) -> tuple[int, dict, torch.Tensor | None]:
         """Block ``i`` of the original stream, run once per batch: ``(i, {layer path: its first input}, the
@@ -584,8 +639,11 @@ class TorchFrontend:
             if original or (env["n"] is env["o"] and not self._replaced_in(i)):
                 xh = x
             else:
-                xh = input_in_block(self._comp.get_submodule(self._chain[i]), call, env["n"],
-                                    self._comp.get_submodule(site.ref))
+                run = self._run(env, i)
+                xh = resume.MISS if run is None else run.input_of(site.ref, self._is_fitted)
+                if xh is resume.MISS:
+                    xh = input_in_block(self._comp.get_submodule(self._chain[i]), call, env["n"],
+                                        self._comp.get_submodule(site.ref))
             if x is None or xh is None:
                 return None
         else:
@@ -618,6 +676,7 @@ class TorchFrontend:
             set_module(self._comp, site.ref, module)
 
     def export(self, plan: Plan) -> nn.Module:
+        self.end_refit()
         if self.cap.graph is None:
             small = self._comp
             self._comp = _sharing_copy(self.cap.model)  # the next round starts from the original

@@ -208,6 +208,9 @@ class OnnxFrontend:
     def advance(self, step: int, env):
         return self._segments.advance(step, env)
 
+    def end_refit(self) -> None:
+        pass
+
     def site_inputs(self, env, site: Site, original: bool = False) -> tuple[LayerInput, LayerInput] | None:
         env_o, env_n = env
         x = env_o.get(site.ref.x)
