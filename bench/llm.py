@@ -358,9 +358,10 @@ def markdown(res: dict) -> list[str]:
         lines += ["", f"Projection for a Llama-2-7B shape ({p['linear_params'] / 1e9:.2f} B Linear params) at the same "
                   f"tokens on this machine: about {p['model_s'] / 3600:.1f} h (the cost model above, 2 CPU cores); "
                   f"block-by-block calibration holds one block's Grams, {p['block_grams_mb'] / 1024:.2f} GB, against "
-                  f"{p['grams_mb'] / 1024:.0f} GB for the whole model at once; the pass keeps the input model and one "
-                  f"working copy ({2 * p['model_mb'] / 1024:.0f} GB in float32; the compressed copy shares the dense "
-                  "layers' weights with the working copy). Assumptions: the two terms are the pass's cost (the "
+                  f"{p['grams_mb'] / 1024:.0f} GB for the whole model at once; the pass holds the model's weights "
+                  f"once ({p['model_mb'] / 1024:.0f} GB in float32: its working copies share the input model's "
+                  "tensors), the factored layers as they are made, and at the end the result's own copy of the "
+                  "tensors it keeps dense. Assumptions: the two terms are the pass's cost (the "
                   "sensitivity backward and verify are proportional to tokens × params and fold into `a`); "
                   "float64 Grams; no GPU."]
     return lines

@@ -73,6 +73,10 @@ def test_decoder_transforms_generates_saves_and_reloads(name, tmp_path):
     factored = [lp for lp in plan.layers if lp.decision.method != "dense"]
     assert factored, plan.report()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
+    # the pass worked on the model's own tensors (one copy of the weights in memory), and the result holds
+    # copies of those it keeps: training it cannot change the model it came from
+    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not theirs & {t.untyped_storage().data_ptr() for t in (*small.parameters(), *small.buffers())}
     # tied weights: kept dense with that reason, and still tied in the result
     emb = small.get_input_embeddings().weight
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
@@ -224,3 +228,20 @@ def test_a_linear_subclass_returning_a_tuple_is_kept_as_is():
     assert p.achieved()["params"] <= 0.85 + 1e-9 and math.isfinite(p.verify["measured"])
     ids = _calib(1)[0]["input_ids"][:1, :4]
     assert small.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_the_working_copy_holds_the_models_own_tensors():
+    """Modules capture copies the model's modules but not its tensors (the pass never writes one): the weights
+    are in memory once during the pass; the result gets its own (above)."""
+    from sketchpass.fx.frontend import TorchFrontend
+    from sketchpass.options import Options
+
+    model = _model("llama")
+    fe = TorchFrontend(model, Options(capture="modules"))
+    fe.prepare(_calib()[0])
+    work = fe.cap.model
+    assert work is not model and work.model.layers[0] is not model.model.layers[0]
+    assert all(a is b for a, b in zip(work.parameters(), model.parameters()))
+    small = sp.transform(model, sp.Budget(params=0.85), calib=_calib(), method="svd", progress=False)
+    assert len(small.sketchpass_plan.verify["rounds"]) >= 1
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in small.parameters()}

@@ -44,6 +44,10 @@ def _model(seed=0):
     return SmallCNN().eval()
 
 
+def _storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -134,6 +138,9 @@ def test_plan_json_replays_bit_exactly_and_model_is_untouched():
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1 if k != PLAN_KEY)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    # the results hold no tensor of the model they came from (training them cannot change it)
+    for result in (small, again):
+        assert not _storages(model) & _storages(result)
     d = json.loads(s)
     assert d["seed"] == 3 and d["generator"] == sp.GENERATOR_ID and d["version"] == 2
     layer = d["layers"][1]

@@ -102,6 +102,27 @@ class _Pair(NamedTuple):
     pair: tuple
 
 
+def unshare(result: nn.Module, user: nn.Module) -> int:
+    """Give ``result`` its own copy of every parameter and buffer whose storage is one of ``user``'s (the dense
+    layers, embeddings and norms the working copy shared), in place; tensors shared within ``result`` (tied
+    weights) stay shared.  Returns how many tensors were copied."""
+    theirs = {t.untyped_storage().data_ptr() for t in (*user.parameters(), *user.buffers()) if t.device.type != "meta"}
+    copies: dict[int, torch.Tensor] = {}
+    for mod in result.modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is None or t.device.type == "meta" or t.untyped_storage().data_ptr() not in theirs:
+                    continue
+                new = copies.get(id(t))
+                if new is None:
+                    new = t.detach().clone()
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    copies[id(t)] = new
+                table[key] = new
+    return len(copies)
+
+
 def _has_module(model: nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)
@@ -172,7 +193,9 @@ class TorchFrontend:
         return self._data
 
     def prepare(self, first) -> None:
-        self.cap = capture(self.model, self.mode, example=first, owned=self._owned)
+        # the working copy holds the user's tensors (the pass never writes one): one copy of the weights in
+        # memory; :meth:`stamp` copies those the result keeps
+        self.cap = capture(self.model, self.mode, example=first, share=True)
         self.cap.model.eval()
         self.capture = self.cap.capture
         self._sites = find_sites(self.cap)
@@ -709,6 +732,8 @@ class TorchFrontend:
         return small
 
     def stamp(self, emitted: nn.Module, plan: Plan) -> None:
+        if not self._owned:
+            unshare(emitted, self.model)
         attach_plan(emitted, plan)
 
     # ----------------------------------------------------------------- verify

@@ -133,18 +133,18 @@ def fast_path_off(model: nn.Module) -> int:
     return len(layers)
 
 
-def capture(model: nn.Module, mode: str = "auto", example=None, owned: bool = False) -> Captured:
+def capture(model: nn.Module, mode: str = "auto", example=None, share: bool = False) -> Captured:
     """``mode``: ``"auto"`` (fx, falling back to modules), ``"fx"`` (fail if it cannot trace) or
     ``"modules"``.  With an ``example`` batch the traced graph is checked against the model.  The working copy
-    is a deep copy of ``model`` — the user's model must not share a tensor with what the pass hands back —
-    unless ``owned`` (``model`` is already the pass's own copy, e.g. gathered from offloaded weights): then it
-    shares ``model``'s tensors, and the pass holds the weights once."""
+    is a copy of ``model``'s modules; with ``share`` it holds ``model``'s very tensors (the pass reads them and
+    never writes one, so it holds the weights once) and whatever hands a model back must copy those it keeps
+    (:meth:`sketchpass.fx.frontend.TorchFrontend.stamp`); without, a deep copy."""
     if mode not in ("auto", "fx", "modules"):
         raise ValueError(f"capture must be 'auto', 'fx' or 'modules', got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, an onnx.ModelProto or a path to an .onnx file; got "
                         f"{type(model).__name__}")
-    work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())} if owned else None)
+    work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())} if share else None)
     fused = fast_path_off(work)  # the working copy calls every layer as a module, so the pass sees them
     transposed, tnotes = linearise(work)
     if fused:
