@@ -207,3 +207,31 @@ def test_an_error_in_a_run_reaches_the_caller():
         run.output(lambda p: True)
     assert run.done and resume.BlockRun.active() is None
     gates.remove()
+
+
+def test_a_gate_reached_from_another_thread_while_a_run_executes_calls_the_layer():
+    """The run executing now is the current greenlet's, per thread: another thread's pass (or any code) reaching a
+    gate while a run executes in this one is not taken for that run."""
+    import threading
+
+    torch.manual_seed(0)
+    got = {}
+
+    class Spawning(Chain):
+        def forward(self, h, scale=1.0):
+            x = torch.relu(self.a(h))
+            t = threading.Thread(target=lambda: got.__setitem__("b", self.b(x)))  # b's gate, from another thread
+            t.start()
+            t.join()
+            return self.c(torch.relu(self.b(x)))
+
+    block = Spawning()
+    gates = _gated(block)
+    h = torch.randn(3, 4)
+    run = resume.BlockRun(block, Call((), {}, True), h, {"b"})
+    x = run.input_of("b", lambda p: False)
+    with torch.no_grad():
+        torch.testing.assert_close(got["b"].detach(), torch.nn.functional.linear(x, block.b.weight, block.b.bias),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(run.output(lambda p: True), block.c(torch.relu(block.b(x))), rtol=0, atol=0)
+    gates.remove()

@@ -79,36 +79,52 @@ class Gates:
         self._on.clear()
 
 
+_GREENLET = None
+
+
+def _greenlet_class():
+    """A ``greenlet`` subclass whose instances carry the :class:`BlockRun` they run (``owner``)."""
+    global _GREENLET
+    if _GREENLET is None:
+        from greenlet import greenlet
+
+        class _RunGreenlet(greenlet):
+            owner = None
+
+        _GREENLET = _RunGreenlet
+    return _GREENLET
+
+
 class BlockRun:
     """``block`` run once on ``h`` with ``call``'s other inputs, pausing at the first call of every layer of
     ``waits`` (paths with a gate, see :class:`Gates`).  Made and driven from one thread (module docstring)."""
 
-    _active: BlockRun | None = None  # the run executing now (set while it is switched to)
-
     def __init__(self, block: nn.Module, call: Call, h: torch.Tensor, waits: set[str], nbytes: int = 0):
-        from greenlet import greenlet
-
         self.waits = set(waits)
         self.nbytes = nbytes  # the caller's estimate of what the paused run holds
         self.at: _Pause | None = None
         self.out = MISS
         self.done = False
         self._grad = False
-        self._g = greenlet(lambda: hidden_of(call.run(block, h)))
+        self._g = _greenlet_class()(lambda: hidden_of(call.run(block, h)))
+        self._g.owner = self
         self._g.gr_context = contextvars.copy_context()
 
-    @classmethod
-    def active(cls) -> BlockRun | None:
-        return cls._active
+    @staticmethod
+    def active() -> BlockRun | None:
+        """The run executing now in this thread (the current greenlet's), if any: a gate reached by other code
+        — another thread's pass, a run from the block's start — calls its layer as it stands."""
+        from greenlet import getcurrent
+
+        return getattr(getcurrent(), "owner", None)
 
     def pause(self, path: str, args: tuple) -> None:
         """Called by a gate inside the run: hand ``args`` to the driver and wait to be resumed."""
         self._g.parent.switch(_Pause(path, args))
 
     def _switch(self, throw: bool = False):
-        mine, outer = torch.is_grad_enabled(), BlockRun._active
+        mine = torch.is_grad_enabled()
         torch.set_grad_enabled(self._grad)
-        BlockRun._active = self
         try:
             got = self._g.throw() if throw else self._g.switch()
         except BaseException:
@@ -116,7 +132,6 @@ class BlockRun:
             raise
         finally:
             self._grad = torch.is_grad_enabled()
-            BlockRun._active = outer
             torch.set_grad_enabled(mine)
         if isinstance(got, _Pause):
             self.at = got
