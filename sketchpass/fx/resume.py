@@ -26,6 +26,7 @@ import contextvars
 from collections.abc import Callable
 
 import torch
+from greenlet import getcurrent, greenlet
 from torch import nn
 
 from .blocks import Call, hidden_of
@@ -79,20 +80,10 @@ class Gates:
         self._on.clear()
 
 
-_GREENLET = None
+class _RunGreenlet(greenlet):
+    """A greenlet that carries the :class:`BlockRun` it runs (``owner``)."""
 
-
-def _greenlet_class():
-    """A ``greenlet`` subclass whose instances carry the :class:`BlockRun` they run (``owner``)."""
-    global _GREENLET
-    if _GREENLET is None:
-        from greenlet import greenlet
-
-        class _RunGreenlet(greenlet):
-            owner = None
-
-        _GREENLET = _RunGreenlet
-    return _GREENLET
+    owner = None
 
 
 class BlockRun:
@@ -106,7 +97,7 @@ class BlockRun:
         self.out = MISS
         self.done = False
         self._grad = False
-        self._g = _greenlet_class()(lambda: hidden_of(call.run(block, h)))
+        self._g = _RunGreenlet(lambda: hidden_of(call.run(block, h)))
         self._g.owner = self
         self._g.gr_context = contextvars.copy_context()
 
@@ -114,8 +105,6 @@ class BlockRun:
     def active() -> BlockRun | None:
         """The run executing now in this thread (the current greenlet's), if any: a gate reached by other code
         — another thread's pass, a run from the block's start — calls its layer as it stands."""
-        from greenlet import getcurrent
-
         return getattr(getcurrent(), "owner", None)
 
     def pause(self, path: str, args: tuple) -> None:
