@@ -178,6 +178,44 @@ def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
+def _hf_names(model: nn.Module, state: dict) -> dict:
+    """``state`` with the keys renamed as transformers renames a checkpoint's keys when it loads one
+    (``save_pretrained`` writes some models' weights under their original checkpoint names: Mixtral's
+    ``block_sparse_moe`` for ``mlp``, ...); keys the model has are left as they are, and weight conversions other
+    than renamings (which merge tensors) are not applied.  Unchanged without transformers' conversion mappings
+    (transformers 4)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return state
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - a model transformers has no mapping for: its names are its own
+        return state
+    renames = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if not renames:
+        return state
+    own = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        if key not in own:
+            key, _ = rename_source_key(key, renames, [])
+        out[key] = value
+    return out
+
+
+def _take_experts_apart(model: nn.Module, state: dict) -> None:
+    """Fused experts modules (:mod:`sketchpass.fx.experts`) that the saved model holds taken apart (their weights
+    saved per expert): taken apart in ``model`` too (in place), so that the saved weights fit."""
+    from .fx.experts import is_fused, unfuse
+
+    wanted = {path for path, mod in model.named_modules() if path and is_fused(mod)
+              and any(k.startswith(path + ".up.") for k in state)}
+    if wanted:
+        unfuse(model, check=False, only=wanted)
+
+
 def load(source, model: nn.Module | None = None) -> nn.Module:
     """The compressed model saved in ``source`` (a ``save_pretrained`` folder or a ``torch.save``'d state
     dict) rebuilt from its stored plan and weights, without recompressing.  ``model``: the uncompressed model
@@ -212,6 +250,9 @@ def load(source, model: nn.Module | None = None) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model= must be an nn.Module, got {type(model).__name__}")
         out = copy.deepcopy(model)
+    if path.is_dir():
+        state = _hf_names(out, state)
+    _take_experts_apart(out, state)
     rebuild(out, plan)
     own = out.state_dict(keep_vars=True)
     missing, unexpected = out.load_state_dict(state, strict=False)
@@ -221,5 +262,10 @@ def load(source, model: nn.Module | None = None) -> nn.Module:
         parts = ([f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}"] if missing else []) + (
             [f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}"] if unexpected else [])
         raise ValueError(f"the weights in {str(path)!r} do not fit the model their plan describes ({'; '.join(parts)})")
+    from .fx.experts import RoutedExperts
+
+    for mod in out.modules():  # views of the fused weights the structure was built from: their own storage
+        if isinstance(mod, RoutedExperts):
+            mod.own_storage()
     attach_plan(out, plan)
     return out

@@ -58,6 +58,7 @@ from .blocks import (
     shared_inputs,
     stop_at,
 )
+from .experts import RoutedExperts
 from .match import find_sites
 from .offload import gathered, hooked, real_tensors
 from .rewrite import Segments, set_module
@@ -199,6 +200,9 @@ class TorchFrontend:
         self.cap.model.eval()
         self.capture = self.cap.capture
         self._sites = find_sites(self.cap)
+        for s in self._sites:  # an expert's inputs are the tokens routed to it (:mod:`.experts`)
+            if any(s.ref.startswith(p + ".") for p in self.cap.routed):
+                s.extra["routed"] = True
         self.notes = list(self.cap.notes) + ([self._offload_note] if self._offload_note else [])
         if self.cap.graph is not None:
             folded = self._batchnorms()
@@ -305,8 +309,14 @@ class TorchFrontend:
             if not isinstance(out, torch.Tensor):
                 odd.setdefault(p, type(out).__name__)
 
-        handles = [s.dense.register_forward_pre_hook(lambda m, i, p=s.ref: order.append(p))
-                   for s in self._sites if s.dense is not None]
+        # the experts of a module taken apart run in the order of their index, those the sample routes no token to
+        # skipped: all of them are placed where the module is first called, up[e] then down[e] for every e
+        wanted = {s.ref for s in self._sites if s.dense is not None}
+        handles = [self.cap.model.get_submodule(r).register_forward_pre_hook(
+            lambda m, i, r=r: order.extend(p for e in range(m.num_experts) for p in (f"{r}.up.{e}", f"{r}.down.{e}")
+                                           if p in wanted)) for r in self.cap.routed]
+        handles += [s.dense.register_forward_pre_hook(lambda m, i, p=s.ref: order.append(p))
+                    for s in self._sites if s.dense is not None]
         handles += [s.dense.register_forward_hook(lambda m, i, o, p=s.ref: after(m, i, o, p))
                     for s in self._sites if s.dense is not None]
         try:
@@ -734,6 +744,9 @@ class TorchFrontend:
     def stamp(self, emitted: nn.Module, plan: Plan) -> None:
         if not self._owned:
             unshare(emitted, self.model)
+        for mod in emitted.modules():  # experts that are views of a fused weight get their own storage
+            if isinstance(mod, RoutedExperts):
+                mod.own_storage()
         note = drop_stale_quantizer(emitted)
         if note is not None and note not in plan.notes:
             plan.notes.append(note)

@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 
 from ..batches import slice_batch
+from .experts import unfuse
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Captured:
     notes: list[str] = field(default_factory=list)
     functional: bool = False  # F.linear / F.conv / matmul uses were turned into modules (needs the graph)
     transposed: list[str] = field(default_factory=list)  # paths of transposed-weight linears made nn.Linear
+    routed: list[str] = field(default_factory=list)  # paths of fused experts taken apart (:mod:`.experts`)
 
     @property
     def graph(self) -> torch.fx.Graph | None:
@@ -147,12 +149,15 @@ def capture(model: nn.Module, mode: str = "auto", example=None, share: bool = Fa
     work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())} if share else None)
     fused = fast_path_off(work)  # the working copy calls every layer as a module, so the pass sees them
     transposed, tnotes = linearise(work)
+    routed, enotes = unfuse(work)
+    tnotes += enotes
     if fused:
         tnotes.append(f"{fused} nn.TransformerEncoderLayer(s): their fused inference path (which reads "
                       "linear1/linear2's weights instead of calling them) is off in the pass, and in the compressed "
                       "model where one of them is factored")
     cap = _capture(model, work, mode, example)
     cap.transposed = transposed
+    cap.routed = routed
     cap.notes = tnotes + cap.notes
     return cap
 
