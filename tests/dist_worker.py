@@ -25,12 +25,26 @@ CASES = {
     "bad-shard": (8, 8, {"method": "svd", "blocks": "on"}),  # rank 1's third batch holds a NaN
     "oom": (8, 8, {"method": "svd"}),  # rank 1 runs out of memory in the refit
     "candidates": (8, 8, {"method": "svd", "blocks": "on"}),  # rank 1 fails on the second block's candidates
+    "moe": (6, 4, {"method": "svd", "holdout": 0}),  # a mixture-of-experts decoder, its fused experts taken apart
 }
 
 
-def model():
+def model(case: str = "even"):
     import transformers
 
+    if case == "moe":
+        cfg = transformers.Qwen3MoeConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                          moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=96, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2, use_cache=False)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            moe = transformers.Qwen3MoeForCausalLM(cfg).eval()
+        with torch.no_grad():  # its expert weights are initialised to zero
+            for p in moe.parameters():
+                p.normal_(0, 0.1)
+        return moe
     cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=64, vocab_size=96, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_cache=False)
@@ -90,7 +104,7 @@ def main() -> int:
 
         pipeline.candidates = failing_candidates
     try:
-        small = sp.transform(model(), sp.Budget(params=0.7), calib=data, **options(case))
+        small = sp.transform(model(case), sp.Budget(params=0.7), calib=data, **options(case))
     except Exception as exc:  # noqa: BLE001 - written for the test to read
         with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n")

@@ -37,7 +37,7 @@ def _torchrun(case: str, out: Path) -> subprocess.CompletedProcess:
 
 def _single(case: str):
     a, b = w.shards(case)
-    small = sp.transform(w.model(), sp.Budget(params=0.7), calib=a + b, **w.options(case))
+    small = sp.transform(w.model(case), sp.Budget(params=0.7), calib=a + b, **w.options(case))
     with torch.no_grad():
         return small.sketchpass_plan, small(input_ids=w.probe()).logits
 
@@ -46,7 +46,7 @@ def _sizes(plan):
     return [(lp.spec.name, lp.decision.method, lp.decision.size) for lp in plan.layers]
 
 
-@pytest.mark.parametrize("case", ["even", "uneven"])
+@pytest.mark.parametrize("case", ["even", "uneven", "moe"])
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_shards(case, tmp_path):
     run = _torchrun(case, tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -75,6 +75,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_shards(case, tmp_p
         assert plans[0].calib["mode"] == "blocks"
     else:
         assert plan.calib["samples"] == 2 * (n0 + n1)
+    if case == "moe":  # the experts were factored, by their owners, into the same model on every rank
+        assert sum(".experts." in lp.spec.name and lp.decision.method == "svd" for lp in plan.layers) >= 8
 
 
 @pytest.mark.parametrize("case, stage, error", [
