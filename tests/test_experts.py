@@ -149,6 +149,10 @@ def test_moe_decoder_experts_are_factored_within_the_budget_and_reload(name, tmp
     assert isinstance(back, type(model))
     torch.testing.assert_close(_logits(back, ids), _logits(small, ids), atol=0, rtol=0)
     assert back.sketchpass_plan.achieved() == plan.achieved()
+    torch.save(small.state_dict(), tmp_path / "small.pt")  # a state-dict file, rebuilt on the user's model
+    again = sp.load(tmp_path / "small.pt", model=model)
+    torch.testing.assert_close(_logits(again, ids), _logits(small, ids), atol=0, rtol=0)
+    assert all(is_fused(m) for _, m in _experts(model))
 
 
 def test_experts_the_first_sample_routes_nothing_to_are_refitted_in_their_block():

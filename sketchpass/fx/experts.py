@@ -196,7 +196,3 @@ def _shallow(mod: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(mod, {id(t): t for t in (*mod.parameters(), *mod.buffers())})
-
-
-def routed_paths(model: nn.Module) -> list[str]:
-    return [p for p, m in model.named_modules() if isinstance(m, RoutedExperts)]
