@@ -527,8 +527,6 @@ def fit_and_rewrite(fe: Frontend, sites: list[Site], plan: Plan, data: Calib | N
                             pair = fe.site_inputs(env, s, original=s.name in unseen)
                             if pair is None:
                                 continue
-                            if s.extra.get("routed"):  # the tokens routed to an expert differ between the two
-                                pair = (pair[1], pair[1])  # models: fitted on those it gets, to its own weight
                             share = (id(pair[0]), id(pair[1]), s.spec.d_in, s.spec.groups) \
                                 if s.spec.op == "linear" else (id(s),)
                             given.setdefault(share, [pair]).append(s)

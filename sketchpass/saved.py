@@ -262,10 +262,5 @@ def load(source, model: nn.Module | None = None) -> nn.Module:
         parts = ([f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}"] if missing else []) + (
             [f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}"] if unexpected else [])
         raise ValueError(f"the weights in {str(path)!r} do not fit the model their plan describes ({'; '.join(parts)})")
-    from .fx.experts import RoutedExperts
-
-    for mod in out.modules():  # views of the fused weights the structure was built from: their own storage
-        if isinstance(mod, RoutedExperts):
-            mod.own_storage()
     attach_plan(out, plan)
     return out

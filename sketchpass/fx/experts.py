@@ -24,6 +24,8 @@ alone, so :func:`sketchpass.load` reads it back).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -131,7 +133,7 @@ class RoutedExperts(nn.Module):
 
 def _check(fused: nn.Module, routed: RoutedExperts, top_k: int) -> str | None:
     """``None`` when ``routed`` gives ``fused``'s output on random tokens routed to every expert, else why not.
-    ``fused`` must still hold its weights (call before :meth:`RoutedExperts.of` takes them)."""
+    ``fused`` still holds its weights (``routed`` was taken apart from a copy of it)."""
     up = routed.up[0].weight
     E = routed.num_experts
     hidden = routed.up[0].in_features
@@ -158,23 +160,25 @@ def _check(fused: nn.Module, routed: RoutedExperts, top_k: int) -> str | None:
 
 def unfuse(work: nn.Module, check: bool = True, only: set[str] | None = None) -> tuple[list[str], list[str]]:
     """Replace, in ``work`` (in place), every fused experts module (:func:`is_fused`) by :class:`RoutedExperts`;
-    ``check``: only those that pass :func:`_check` (``False`` when rebuilding a saved model's structure, whose
-    weights are then loaded); ``only``: the paths to consider.  Returns the replaced paths and notes."""
+    ``check``: only those that pass :func:`_check`, their experts views of the fused weights (``False`` when
+    rebuilding a saved model's structure: every expert gets its own copy, which the saved weights then fill);
+    ``only``: the paths to consider.  Returns the replaced paths and notes."""
     done, notes, kept = [], [], {}
     classes = set()
     for path, mod in list(work.named_modules()):
         if not path or not is_fused(mod) or (only is not None and path not in only):
             continue
-        why = None
-        if check:
-            probe = RoutedExperts.of(_shallow(mod), copy_weights=False)
+        if check:  # taken apart from a copy of the module, so that the check can still call the fused one
+            routed = RoutedExperts.of(copy.deepcopy(mod, {id(t): t for t in (*mod.parameters(), *mod.buffers())}))
             top_k = getattr(getattr(mod, "config", None), "num_experts_per_tok", 2)
-            why = _check(mod, probe, top_k if isinstance(top_k, int) else 2)
-        if why is not None:
-            kept.setdefault(f"{type(mod).__name__}: {why}", []).append(path)
-            continue
+            why = _check(mod, routed, top_k if isinstance(top_k, int) else 2)
+            if why is not None:
+                kept.setdefault(f"{type(mod).__name__}: {why}", []).append(path)
+                continue
+        else:
+            routed = RoutedExperts.of(mod, copy_weights=True)
         parent, _, attr = path.rpartition(".")
-        setattr(work.get_submodule(parent) if parent else work, attr, RoutedExperts.of(mod))
+        setattr(work.get_submodule(parent) if parent else work, attr, routed)
         done.append(path)
         classes.add(type(mod).__name__)
     if done:
@@ -189,10 +193,3 @@ def unfuse(work: nn.Module, check: bool = True, only: set[str] | None = None) ->
         notes.append(f"{len(paths)} fused experts module(s) kept as they are ({paths[0]}{more}; {why}): their experts "
                      "are not factored")
     return done, notes
-
-
-def _shallow(mod: nn.Module) -> nn.Module:
-    """A copy of ``mod`` that shares its tensors (what :meth:`RoutedExperts.of` takes apart for the check)."""
-    import copy
-
-    return copy.deepcopy(mod, {id(t): t for t in (*mod.parameters(), *mod.buffers())})

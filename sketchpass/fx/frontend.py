@@ -689,6 +689,8 @@ class TorchFrontend:
                                                                        batch)
             if xh is None:
                 return None
+        if site.extra.get("routed"):  # the tokens routed to an expert differ between the two models: it is fitted
+            x = xh  # on those the compressed model gives it, to its own weight
         m = self._memo
         if m is not None and m.env is env and m.x is x and m.xh is xh and m.d_in == site.spec.d_in \
                 and site.spec.op == "linear":
